@@ -1,0 +1,28 @@
+"""lightning-qlora: QLoRA fine-tuning with PyTorch Lightning.
+
+trainer = L.Trainer(plugins=[QLoRAPlugin()], callbacks=[LoRAAdapters(r=16)])
+"""
+
+from lightning_qlora.adapters import AdapterConfig, add_adapters
+from lightning_qlora.callbacks import LoRAAdapters
+from lightning_qlora.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lightning_qlora.modules import CausalLMModule
+from lightning_qlora.plugin import QLoRAPlugin
+from lightning_qlora.prepare import prepare
+from lightning_qlora.quantize import QuantConfig, quantize_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AdapterConfig",
+    "CausalLMModule",
+    "LoRAAdapters",
+    "QLoRAPlugin",
+    "QuantConfig",
+    "add_adapters",
+    "load_model",
+    "load_tokenizer",
+    "prepare",
+    "quantize_model",
+]

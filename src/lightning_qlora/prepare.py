@@ -1,0 +1,66 @@
+"""``prepare``: QLoRA in one call, without Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_qlora.adapters import ALL_LINEAR, AdapterConfig, add_adapters
+from lightning_qlora.quantize import QuantConfig, quantize_model
+
+_BITS = {4: "nf4", 8: "int8"}
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.05,
+    target_modules: str | Sequence[str] = ALL_LINEAR,
+    modules_to_save: Sequence[str] = (),
+    bits: int = 4,
+    quant_type: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype = "auto",
+    quant_storage: str | torch.dtype = "uint8",
+    skip_modules: Sequence[str] = (),
+    gradient_checkpointing: bool = True,
+    device: torch.device | str | None = None,
+    verbose: bool = True,
+):
+    """Quantize ``model``'s frozen base and add LoRA adapters, in place.
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(path)
+        peft_model = prepare(model, r=16, bits=4)   # NF4 + double quant, LoRA on all linear layers
+        ...train model (or peft_model)...
+        peft_model.save_pretrained("adapter/")      # standard PEFT format
+
+    Args:
+        model: The model to prepare; its layers are replaced in place.
+        bits: 4 (NF4 unless ``quant_type`` says ``"fp4"``) or 8 (LLM.int8()).
+        device: Where to quantize; defaults to where the weights are.
+        verbose: Print what was quantized and the trainable parameter count.
+        Others: as in :class:`~lightning_qlora.quantize.QuantConfig` and
+            :class:`~lightning_qlora.adapters.AdapterConfig`.
+
+    Returns:
+        The ``PeftModel`` wrapping ``model``.
+    """
+    if bits not in _BITS:
+        raise ValueError(f"bits={bits!r} is not supported; use bits=4 or bits=8.")
+    quant_type = quant_type or _BITS[bits]
+    if (bits == 8) != (quant_type == "int8"):
+        raise ValueError(f"bits={bits} does not fit quant_type={quant_type!r}; use bits=8 only with 'int8'.")
+    quant = QuantConfig(quant_type, double_quant, compute_dtype, quant_storage, tuple(skip_modules))
+    adapters = AdapterConfig(r, alpha, dropout, target_modules, tuple(modules_to_save), gradient_checkpointing)
+    quant_report = quantize_model(model, quant, device)
+    peft_model, adapter_report = add_adapters(model, adapters)
+    if verbose:
+        print(quant_report.summary())
+        print(adapter_report.summary())
+    return peft_model

@@ -1,0 +1,63 @@
+"""Run outputs a person reads: the loss curve and a short markdown report."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+def plot_loss(metrics_csv: Path, png: Path) -> bool:
+    """Plot train (and val) loss from Lightning's CSV log; False when there is nothing to plot."""
+    if not metrics_csv.is_file():
+        return False
+    steps, losses, val_steps, val_losses = [], [], [], []
+    with metrics_csv.open() as f:
+        for row in csv.DictReader(f):
+            if row.get("train_loss"):
+                steps.append(int(row["step"]))
+                losses.append(float(row["train_loss"]))
+            if row.get("val_loss"):
+                val_steps.append(int(row["step"]))
+                val_losses.append(float(row["val_loss"]))
+    if not losses:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, label="train loss")
+    if val_losses:
+        ax.plot(val_steps, val_losses, "o", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[str, Any]], source: str) -> None:
+    """A short markdown report: setup, metrics before and after, sample answers."""
+    b, a = result["before"], result["after"]
+    lines = [
+        f"# lightning-qlora run: {cfg.recipe.name}",
+        "",
+        f"- model: `{cfg.model.name_or_path}`, quantization: {cfg.quant.type}"
+        f" (double quant {cfg.quant.double_quant}), LoRA r={cfg.adapter.r} alpha={cfg.adapter.alpha}",
+        f"- data: {source}",
+        f"- steps: {cfg.trainer.max_steps}, batch size {cfg.data.batch_size}, lr {cfg.trainer.lr}",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {b[k]:.4f} | {a.get(k, float('nan')):.4f} |" for k in b]
+    for ex in examples:
+        lines += ["", "## Sample answer", "", f"**Reference:** {ex['reference']}", ""]
+        lines += [f"**Before:** {ex['before']}", "", f"**After:** {ex['after']}"]
+    path.write_text("\n".join(lines) + "\n")

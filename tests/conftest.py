@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models built from a config, and a learnable toy task."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+# Keep tests offline and quiet; the default-model cache may be shared between runs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    # initializer_range=0.3: with the embeddings and head frozen at the usual 0.02, the
+    # logit range is capped and a LoRA-only model cannot get far below ln(vocab).
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def counting_batches(n: int, batch_size: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Sequences start, start+1, ... (mod vocab): learnable from the first token on."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, VOCAB, (batch_size, 1), generator=g)
+        ids = (start + torch.arange(SEQ)) % VOCAB
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def loader(batches: list) -> DataLoader:
+    return DataLoader(batches, batch_size=None)
+
+
+class LossRecorder(L.Callback):
+    """Keeps every training loss, to compare the start and the end of a run."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def quiet_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)

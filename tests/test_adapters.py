@@ -1,0 +1,108 @@
+import pytest
+import torch
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+from lightning_qlora.adapters import AdapterConfig, add_adapters, count_parameters
+from lightning_qlora.quantize import quantize_model
+from tests.conftest import counting_batches
+
+
+def test_only_adapters_train_and_counts_are_pinned(tiny_llama):
+    quantize_model(tiny_llama)
+    _, report = add_adapters(tiny_llama, AdapterConfig(r=8, alpha=16))
+    trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 28  # 14 layers x (A, B)
+    # Per layer r * (in + out): q 8*128, k 8*96, v 8*96, o 8*128, gate/up 8*192, down 8*192 = 8,192.
+    assert report.trainable == 2 * 8_192
+    # 73,728 quantized weights (logical count) + embedding 4,096 + head 4,096 + 5 norms x 64 + adapters.
+    assert report.total == 73_728 + 4_096 + 4_096 + 5 * 64 + 16_384
+    assert count_parameters(tiny_llama) == (report.trainable, report.total)
+
+
+def test_peft_dispatches_its_bnb_aware_layer(tiny_llama):
+    quantize_model(tiny_llama)
+    add_adapters(tiny_llama)
+    # The bnb-aware class dequantizes on merge; the generic one would add to packed bytes.
+    assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, LoraLinear4bit)
+
+
+def test_gradient_checkpointing_with_frozen_base_gives_adapter_grads(tiny_llama):
+    quantize_model(tiny_llama)
+    add_adapters(tiny_llama, AdapterConfig(gradient_checkpointing=True, dropout=0.0))
+    flag = getattr(tiny_llama, "is_activation_checkpointing", None)
+    assert flag if flag is not None else tiny_llama.is_gradient_checkpointing
+    tiny_llama.train()
+    batch = counting_batches(1)[0]
+    out = tiny_llama(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False)
+    out.loss.backward()
+    grad = tiny_llama.model.layers[0].mlp.down_proj.lora_B["default"].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_norms_are_kept_in_fp32(tiny_llama):
+    tiny_llama.to(torch.bfloat16)
+    quantize_model(tiny_llama)
+    add_adapters(tiny_llama)
+    assert tiny_llama.model.norm.weight.dtype == torch.float32
+    assert tiny_llama.model.layers[0].input_layernorm.weight.dtype == torch.float32
+
+
+def test_target_list_and_regex(tiny_llama):
+    quantize_model(tiny_llama)
+    _, report = add_adapters(tiny_llama, AdapterConfig(target_modules=["q_proj", "v_proj"]))
+    assert sorted(report.layers) == sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    )
+
+
+def test_regex_targets_full_names():
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    model = LlamaForCausalLM(tiny_llama_config())
+    _, report = add_adapters(model, AdapterConfig(target_modules=r"model\.layers\.1\.mlp\..*"))
+    assert sorted(report.layers) == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+
+
+def test_classification_head_trains_fully():
+    from transformers import LlamaForSequenceClassification
+
+    from tests.conftest import tiny_llama_config
+
+    model = LlamaForSequenceClassification(tiny_llama_config(num_labels=3))
+    report = quantize_model(model)
+    assert "score" in report.skipped
+    add_adapters(model, AdapterConfig(modules_to_save=("score",)))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("score" in n and "lora" not in n for n in trainable)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": 0}, "r should be a positive integer, but got r=0"),
+        ({"r": 2.5}, "r should be a positive integer"),
+        ({"alpha": -1}, "alpha should be a positive number"),
+        ({"dropout": 1.0}, r"dropout should be in \[0, 1\)"),
+        ({"target_modules": []}, "target_modules is empty"),
+    ],
+)
+def test_bad_adapter_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**kwargs)
+
+
+def test_targets_that_match_nothing_name_the_available_layers(tiny_llama):
+    quantize_model(tiny_llama)
+    with pytest.raises(ValueError, match=r"'qproj' matches no Linear layer.*available: down_proj, gate_proj, k_proj"):
+        add_adapters(tiny_llama, AdapterConfig(target_modules=["q_proj", "qproj"]))
+    with pytest.raises(ValueError, match="matches no Linear layer"):
+        add_adapters(tiny_llama, AdapterConfig(target_modules=r"attention\..*"))
+
+
+def test_adding_adapters_twice_is_refused(tiny_llama):
+    add_adapters(tiny_llama)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        add_adapters(tiny_llama)
