@@ -11,20 +11,28 @@ from torchmetrics import Metric
 IGNORE_INDEX = -100
 
 
-def shifted_token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed next-token NLL, correct predictions and counted tokens.
+def answer_positions(labels: Tensor) -> Tensor:
+    """Sequence positions whose next token is scored in at least one row of the batch."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
 
-    ``labels`` are aligned with ``logits`` (as transformers does); position ``t``
-    predicts label ``t + 1``. Positions labelled ``-100`` don't count.
+
+def token_stats(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed NLL, correct predictions and counted tokens of ``logits`` against ``target``.
+
+    ``logits[:, i]`` predicts ``target[:, i]``; targets of ``-100`` don't count.
     """
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+    logits = logits.float()
     mask = target != IGNORE_INDEX
     nll = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     correct = ((logits.argmax(-1) == target) & mask).sum()
     return nll, correct, mask.sum()
+
+
+def shifted_token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`token_stats` for full-length logits and labels aligned with the inputs (transformers style)."""
+    return token_stats(logits[:, :-1], labels[:, 1:])
 
 
 class TokenMetrics(Metric):

@@ -148,6 +148,12 @@ def head_names(model: nn.Module, extra: Iterable[str] = ()) -> set[str]:
     return names
 
 
+def _is_tuner_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
 def _under(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
@@ -183,7 +189,13 @@ def quantize_model(
 
     targets: list[tuple[str, nn.Linear]] = []
     report_skipped, already = [], []
+    # LoRA's own A/B matrices are nn.Linear too: never quantize inside an adapter layer.
+    tuner_layers = {n for n, m in model.named_modules() if n and _is_tuner_layer(m)}
     for name, module in model.named_modules():
+        if _under(name, tuner_layers) and name not in tuner_layers:
+            if isinstance(module, done_types) and name.endswith(".base_layer"):
+                already.append(name)
+            continue
         if isinstance(module, done_types):
             already.append(name)
         elif isinstance(module, nn.Linear) and _under(name, skip):
@@ -207,7 +219,7 @@ def quantize_model(
     report = QuantReport(config.quant_type, compute_dtype, device, skipped=report_skipped, already_quantized=already)
 
     iterator = targets
-    if show_progress:
+    if show_progress and targets:
         from tqdm.auto import tqdm
 
         iterator = tqdm(targets, desc=f"Quantizing to {config.quant_type}", unit="layer", leave=False)

@@ -117,6 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[adapters],
         logger=build_logger(cfg, out),
         enable_checkpointing=False,
+        # Lightning's summary counts packed 4-bit bytes as parameters; the plugin logs true counts.
+        enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=out,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import lightning as L
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.metrics import TokenMetrics, shifted_token_stats
+from lightning_qlora.metrics import TokenMetrics, answer_positions, shifted_token_stats, token_stats
 from lightning_qlora.models import DEFAULT_MODEL, load_model
 from lightning_qlora.optim import build_optimizer, check_optim_args, warmup_cosine
 
@@ -44,6 +45,7 @@ class CausalLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = model.train() if isinstance(model, nn.Module) else None
         self._model_name = None if isinstance(model, nn.Module) else str(model)
+        self._keeps_logits: bool | None = None
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
 
@@ -62,8 +64,21 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _stats(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return shifted_token_stats(logits, batch["labels"])
+        labels = batch["labels"]
+        if self._keeps_logits is None:
+            self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        if not self._keeps_logits:
+            return shifted_token_stats(self(batch["input_ids"], batch.get("attention_mask")), labels)
+        # The head only runs where a loss is taken: prompts are masked, and with a 49k
+        # vocabulary the head is a fifth of the forward FLOPs of a 135M model.
+        keep = answer_positions(labels)
+        logits = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+        return token_stats(logits, labels[:, 1:][:, keep])
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
