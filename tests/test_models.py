@@ -30,7 +30,7 @@ def test_default_model_trains_two_steps_through_the_plugin():
     L.seed_everything(0)
     trainer = quiet_trainer(plugins=[plugin], callbacks=[recorder], max_steps=2)
     trainer.fit(CausalLMModule(model, warmup_steps=0), DataLoader([batch, batch], batch_size=None))
-    report = plugin.quant_reports["LlamaForCausalLM"]
+    report = plugin.quant_reports["model"]
     # 30 layers x (q 576x576, k/v 192x576, o 576x576, gate/up/down 1536x576) = 106,168,320 weights.
     assert len(report.quantized) == 210
     assert report.bytes_before == 106_168_320 * 4

@@ -17,7 +17,7 @@ def test_answer_only_logits_give_the_same_loss_as_full_logits(tiny_llama):
         full = shifted_token_stats(tiny_llama(input_ids=batch["input_ids"]).logits, batch["labels"])
     assert module._keeps_logits
     torch.testing.assert_close(fast[0], full[0], rtol=1e-5, atol=1e-4)
-    assert fast[1] == full[1] and fast[2] == full[2] == 6 + 3 + 6
+    assert fast[1] == full[1] and fast[2] == full[2] == 7 + 4 + 7  # labels 9-15, 12-15, 9-15
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

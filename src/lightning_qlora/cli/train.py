@@ -112,7 +112,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_val_every_n_epoch=None if t.val_check_interval else 1,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps,
+        # A run shorter than the logging interval would otherwise log no training loss at all.
+        log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),
         plugins=[plugin],
         callbacks=[adapters],
         logger=build_logger(cfg, out),
