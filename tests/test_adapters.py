@@ -106,3 +106,8 @@ def test_adding_adapters_twice_is_refused(tiny_llama):
     add_adapters(tiny_llama)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         add_adapters(tiny_llama)
+
+
+def test_modules_to_save_that_match_nothing_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match="modules_to_save entry 'scroe' matches no module"):
+        add_adapters(tiny_llama, AdapterConfig(modules_to_save=("scroe",)))

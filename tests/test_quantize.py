@@ -106,3 +106,8 @@ def test_already_quantized_integer_weights_are_refused():
     model[0].weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(ValueError, match="cannot be quantized again"):
         quantize_model(model)
+
+
+def test_skip_modules_that_match_nothing_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match="skip_modules entry 'lm_haed' matches no module"):
+        quantize_model(tiny_llama, QuantConfig(skip_modules=("lm_haed",)))

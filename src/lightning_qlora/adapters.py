@@ -99,6 +99,12 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     Raises:
         ValueError: the selection, or one entry of a list, matches no Linear layer.
     """
+    for entry in config.modules_to_save:
+        if not any(n == entry or n.endswith("." + entry) for n, _ in model.named_modules()):
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module of {type(model).__name__};"
+                " name the head to train fully, e.g. 'score' or 'classifier'."
+            )
     # Heads stay out of LoRA, and so do modules that train fully.
     saved = {
         n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in config.modules_to_save)

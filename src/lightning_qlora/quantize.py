@@ -186,6 +186,13 @@ def quantize_model(
     bnb = require_bitsandbytes()
     done_types = quantized_linear_types()
     skip = head_names(model, config.skip_modules)
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in config.skip_modules:
+        if not any(n == entry or n.startswith(entry + ".") or n.rsplit(".", 1)[-1] == entry for n in names):
+            raise ValueError(
+                f"skip_modules entry {entry!r} matches no module of {type(model).__name__};"
+                " give a module name (e.g. 'lm_head') or a prefix (e.g. 'model.layers.0')."
+            )
 
     targets: list[tuple[str, nn.Linear]] = []
     report_skipped, already = [], []
