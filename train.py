@@ -9,17 +9,25 @@ Bad input exits non-zero with one line naming the problem; LIGHTNING_QLORA_DEBUG
 
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 
+# Lightning on torch 2.13 warns about a torch pytree deprecation on every run; not ours to fix.
+warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from lightning_qlora.cli.train import run
 
     try:
-        run(cfg)
+        # In a sweep (-m), each job gets its own subdirectory of output_dir.
+        run(cfg, out=HydraConfig.get().runtime.output_dir)
     except (ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("LIGHTNING_QLORA_DEBUG"):
             raise

@@ -58,3 +58,17 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def configure_optimizers(module) -> dict:
+    """AdamW (or paged 8-bit) over the trainable parameters, with warmup + cosine per step.
+
+    Reads ``optimizer``, ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio`` from
+    ``module.hparams`` and the total steps from its Trainer.
+    """
+    hp = module.hparams
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay, module.device)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, hp.warmup_steps, hp.min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -42,6 +42,32 @@ def plot_loss(metrics_csv: Path, png: Path) -> bool:
     return True
 
 
+def plot_confusion(before, after, names: tuple[str, ...], png: Path) -> None:
+    """Confusion matrices (rows: true class, columns: predicted) before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, t) for m, t in ((before, "before training"), (after, "after training")) if m is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (matrix, title) in zip(axes[0], panels, strict=True):
+        matrix = matrix.numpy()
+        ax.imshow(matrix, cmap="Blues")
+        ticks = range(len(names)) if names else range(matrix.shape[0])
+        ax.set_xticks(list(ticks), names or None, rotation=30)
+        ax.set_yticks(list(ticks), names or None)
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[str, Any]], source: str) -> None:
     """A short markdown report: setup, metrics before and after, sample answers."""
     b, a = result["before"], result["after"]
@@ -57,6 +83,9 @@ def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[
         "|---|---|---|",
     ]
     lines += [f"| {k} | {b[k]:.4f} | {a.get(k, float('nan')):.4f} |" for k in b]
+    if result.get("test"):
+        lines += ["", "Held-out test split, after training:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in result["test"].items()]
     for ex in examples:
         lines += ["", "## Sample answer", "", f"**Reference:** {ex['reference']}", ""]
         lines += [f"**Before:** {ex['before']}", "", f"**After:** {ex['after']}"]

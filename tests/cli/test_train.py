@@ -10,6 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPES = ("medical", "legal", "classification")
 
 
 @pytest.fixture(scope="module")
@@ -22,37 +23,76 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer()
     torch.manual_seed(0)
-    config = tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=512, initializer_range=0.02)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer), max_position_embeddings=512, initializer_range=0.02, pad_token_id=2
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def _train(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
     )
 
 
-def test_medical_recipe_runs_end_to_end(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = _train(
-        f"model.name_or_path={tiny_model_dir}",
+def _tiny(model_dir: Path, out: Path, *extra: str) -> tuple[str, ...]:
+    return (
+        f"model.name_or_path={model_dir}",
         "trainer.max_steps=2",
         "data.batch_size=2",
         "max_new_tokens=4",
         f"output_dir={out}",
+        *extra,
     )
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_runs_end_to_end(recipe, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _train(f"recipe={recipe}", *_tiny(tiny_model_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("config.yaml", "logs/metrics.csv", "loss_curve.png", "report.md", "metrics.json"):
         assert (out / name).is_file(), name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 16
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 16
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["before"]) == {"val_loss", "val_ppl", "val_token_acc"}
     assert metrics["after"]["val_loss"] != metrics["before"]["val_loss"]
     assert "val_loss" in result.stdout
+    if recipe == "classification":
+        from safetensors import safe_open
+
+        assert "score" in adapter_config["modules_to_save"]
+        with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+            assert any("score" in k for k in f.keys())  # the fully trained head is saved with the adapter
+        assert (out / "confusion_matrix.png").is_file()
+        assert {"val_acc", "val_macro_f1"} <= set(metrics["after"]) and "test_macro_f1" in metrics["test"]
+    else:
+        # yes/no/maybe for medical, A-E for legal: scored by option likelihood.
+        assert 0 <= metrics["after"]["val_choice_acc"] <= 1 and "test_choice_acc" in metrics["test"]
+
+
+def test_a_sweep_writes_one_directory_per_job(tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = _train("-m", "adapter.r=2,4", *_tiny(tiny_model_dir, out, "sample_prompts=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / job / "adapter" / "adapter_config.json").read_text())["r"] for job in ("0", "1")]
+    assert ranks == [2, 4]
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_other_loggers(logger, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = _train(f"logger={logger}", *_tiny(tiny_model_dir, out, "sample_prompts=0"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if logger == "tensorboard":
+        assert list((out / "logs").glob("events.out.tfevents.*"))
+    else:
+        assert list((out / "wandb").glob("offline-run-*"))
 
 
 def _one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
@@ -66,9 +106,22 @@ def test_missing_data_file(tmp_path):
     _one_line_error(result, "error: Data file '/nonexistent/rows.jsonl' does not exist")
 
 
-def test_unknown_key_and_unknown_recipe(tmp_path):
+def test_rows_missing_fields_and_labels_outside_the_set(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"item {i}", "label": i % 4}) for i in range(9)) + "\n")
+    rows.write_text(rows.read_text() + json.dumps({"text": "odd", "label": 7}) + "\n")
+    result = _train("recipe=classification", f"data.path={rows}", f"output_dir={tmp_path / 'o'}")
+    _one_line_error(result, "label=7 is outside the label set (0=World, 1=Sports, 2=Business, 3=Sci/Tech)")
+    rows.write_text(json.dumps({"question": "q?", "final_decision": "yes"}) + "\n")
+    result = _train(f"data.path={rows}", f"output_dir={tmp_path / 'o2'}")
+    _one_line_error(result, "row 0: missing field 'context.contexts'")
+
+
+def test_unknown_key_recipe_and_model(tmp_path):
     _one_line_error(_train("adapter.rank=4", f"output_dir={tmp_path / 'o'}"), "Key 'rank' is not in struct")
     _one_line_error(_train("recipe=cooking", f"output_dir={tmp_path / 'o'}"), "Could not find 'recipe/cooking'")
+    result = _train("model.name_or_path=/models/nope", f"output_dir={tmp_path / 'o3'}")
+    _one_line_error(result, "Model path '/models/nope' does not exist")
 
 
 def test_earlier_run_is_never_overwritten(tmp_path):

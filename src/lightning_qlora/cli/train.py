@@ -1,4 +1,4 @@
-"""The training entry: compose → build → validate (before) → fit → validate (after) → report.
+"""The training entry: compose → build → validate (before) → fit → validate, test (after) → report.
 
 ``train.py`` at the repo root hands its Hydra config to :func:`run`.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.callbacks import LoRAAdapters
-from lightning_qlora.data import PromptAnswerDataModule, get_task, read_rows
+from lightning_qlora.data import (
+    PromptAnswerDataModule,
+    Task,
+    TextClassificationDataModule,
+    get_task,
+    looks_like_hub_id,
+    read_hub_splits,
+    read_rows,
+)
 from lightning_qlora.generation import generate
 from lightning_qlora.models import load_tokenizer
-from lightning_qlora.modules import CausalLMModule
+from lightning_qlora.modules import CausalLMModule, SequenceClassificationModule
 from lightning_qlora.plugin import QLoRAPlugin
-from lightning_qlora.report import plot_loss, write_report
+from lightning_qlora.report import plot_confusion, plot_loss, write_report
 
 SPLITS = ("train", "validation", "test")
+SUMMARY_KEYS = {
+    "generate": ("val_loss", "val_ppl", "val_token_acc", "val_choice_acc"),
+    "classify": ("val_loss", "val_acc", "val_macro_f1"),
+}
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -35,76 +48,108 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def load_splits(data: DictConfig, seed: int) -> tuple[dict[str, list[dict]], str]:
-    """The rows of each split, and a one-line note of where they came from."""
+def load_splits(data: DictConfig, task: Task, seed: int) -> tuple[dict[str, list[dict]], str]:
+    """The checked rows of each split, and a one-line note of where they came from.
+
+    Rows are checked against the task's schema before any split is held out, so that an
+    error names the row by its place in the file.
+    """
     if data.path is None:
         folder = Path(data.sample_dir)
-        splits = {s: read_rows(folder / f"{s}.jsonl") for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
+        files = {s: folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
+        splits = {s: read_rows(f) for s, f in files.items()}
+        for split, rows in splits.items():
+            task.validate(rows, str(files[split]))
         return splits, f"the shipped sample of {data.dataset} in {folder} (offline; set data.path for the full set)"
-    rows = read_rows(data.path)
-    if not 0 < data.val_fraction < 1:
-        raise ValueError(f"data.val_fraction={data.val_fraction} should be in (0, 1).")
+    path = str(data.path)
+    if looks_like_hub_id(path):
+        splits = read_hub_splits(path, data.get("hub_config"))
+        source = f"hub dataset {path}"
+        for split, rows in splits.items():
+            task.validate(rows, f"{path} {split}")
+    else:
+        splits = {"train": read_rows(path)}
+        source = f"{path}"
+        task.validate(splits["train"], path)
+    if "validation" not in splits:
+        splits = _hold_out(splits, data.val_fraction, seed, source)
+        source += f" ({data.val_fraction:.0%} of train held out for validation by seed {seed})"
+    return splits, source
+
+
+def _hold_out(splits: dict[str, list[dict]], fraction: float, seed: int, source: str) -> dict[str, list[dict]]:
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.val_fraction={fraction} should be in (0, 1).")
+    rows = splits["train"]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)  # deterministic split by seed
-    n_val = max(1, round(len(rows) * data.val_fraction))
+    n_val = max(1, round(len(rows) * fraction))
     if n_val >= len(rows):
-        raise ValueError(f"{data.path} has {len(rows)} rows: too few to hold out a validation split.")
-    splits = {"validation": [rows[i] for i in order[:n_val]], "train": [rows[i] for i in order[n_val:]]}
-    return splits, f"{data.path} ({len(rows)} rows, {n_val} held out for validation by seed {seed})"
+        raise ValueError(f"{source} has {len(rows)} rows: too few to hold out a validation split.")
+    return {
+        **splits,
+        "validation": [rows[i] for i in order[:n_val]],
+        "train": [rows[i] for i in order[n_val:]],
+    }
 
 
 def build_logger(cfg: DictConfig, out: Path):
-    """CSV (default), TensorBoard, or wandb (offline when no API key is set)."""
+    """CSV (default), TensorBoard, or wandb (offline when no API key is set, to sync later)."""
     kind = cfg.logger.type
     if kind == "csv":
         return L.pytorch.loggers.CSVLogger(out, name="logs", version="")
     if kind == "tensorboard":
         return L.pytorch.loggers.TensorBoardLogger(out, name="logs", version="")
     if kind == "wandb":
-        import os
-
-        offline = not os.environ.get("WANDB_API_KEY")
+        offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+        if offline:
+            rank_zero_info("wandb: no WANDB_API_KEY, logging offline; sync later with `wandb sync`")
         return L.pytorch.loggers.WandbLogger(project=cfg.logger.project, save_dir=str(out), offline=offline)
     raise ValueError(f"logger={kind!r} is unknown; use csv, tensorboard or wandb.")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one fine-tune as configured; returns the before/after metrics."""
-    out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
-    L.seed_everything(cfg.seed, verbose=False)
-    task = get_task(cfg.data.task)
-    splits, source = load_splits(cfg.data, cfg.seed)
-    for split, rows in splits.items():
-        task.validate(rows, split)
-    rank_zero_info(f"Data: {source}")
-
-    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    dm = PromptAnswerDataModule(
+def build_data(cfg: DictConfig, task: Task, tokenizer, splits: dict[str, list[dict]]) -> L.LightningDataModule:
+    d = cfg.data
+    if task.kind == "classify":
+        return TextClassificationDataModule(
+            tokenizer, splits, task.label, max_length=d.max_length, batch_size=d.batch_size, seed=cfg.seed
+        )
+    return PromptAnswerDataModule(
         tokenizer,
         splits,
         task.to_pair,
-        max_length=cfg.data.max_length,
-        batch_size=cfg.data.batch_size,
-        system=cfg.data.system,
+        max_length=d.max_length,
+        batch_size=d.batch_size,
+        system=d.system,
         seed=cfg.seed,
+        choices=task.choices,
+        label=task.label,
     )
+
+
+def build_module(cfg: DictConfig, task: Task) -> L.LightningModule:
     t = cfg.trainer
-    module = CausalLMModule(
-        cfg.model.name_or_path, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, optimizer=t.optimizer
-    )
-    q, a = cfg.quant, cfg.adapter
+    optim = dict(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, optimizer=t.optimizer)
+    if task.kind == "classify":
+        names = task.label_names
+        return SequenceClassificationModule(cfg.model.name_or_path, num_labels=len(names), label_names=names, **optim)
+    return CausalLMModule(cfg.model.name_or_path, **optim)
+
+
+def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
+    t, q, a = cfg.trainer, cfg.quant, cfg.adapter
     plugin = QLoRAPlugin(q.type, q.double_quant, q.compute_dtype, q.quant_storage, list(q.skip_modules))
+    targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     adapters = LoRAAdapters(
         a.r,
         a.alpha,
         a.dropout,
-        _targets(a.target_modules),
+        targets,
         list(a.modules_to_save),
         a.gradient_checkpointing,
         export_dir=out / "adapter",
     )
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         max_steps=t.max_steps,
@@ -123,44 +168,62 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         num_sanity_val_steps=0,
         default_root_dir=out,
     )
+
+
+def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one fine-tune as configured; returns the metrics before and after training."""
+    out = Path(out or cfg.output_dir)
+    check_output_dir(out, cfg.overwrite)
+    L.seed_everything(cfg.seed, verbose=False)
+    task = get_task(cfg.data.task)
+    splits, source = load_splits(cfg.data, task, cfg.seed)
+    rank_zero_info(f"Data: {source}")
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    dm = build_data(cfg, task, tokenizer, splits)
+    module = build_module(cfg, task)
+    trainer = build_trainer(cfg, out)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    samples = splits["validation"][: cfg.sample_prompts]
+    samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
     before = trainer.validate(module, dm, verbose=False)[0]
+    confusion_before = getattr(module, "confusion", {}).get("val")
     answers_before = [generate(module.model, tokenizer, task.to_pair(r)[0], cfg.max_new_tokens) for r in samples]
     trainer.fit(module, dm)
     after = trainer.validate(module, dm, verbose=False)[0]
+    confusion_after = getattr(module, "confusion", {}).get("val")
     answers_after = [generate(module.model, tokenizer, task.to_pair(r)[0], cfg.max_new_tokens) for r in samples]
+    test = trainer.test(module, dm, verbose=False)[0] if "test" in splits else {}
 
-    result = {"before": _floats(before), "after": _floats(after)}
+    result = {"before": _floats(before), "after": _floats(after), "test": _floats(test)}
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         plot_loss(out / "logs" / "metrics.csv", out / "loss_curve.png")
+        if confusion_after is not None:
+            plot_confusion(confusion_before, confusion_after, task.label_names, out / "confusion_matrix.png")
         examples = [
             {"prompt": task.to_pair(r)[0], "reference": task.to_pair(r)[1], "before": b, "after": f}
-            for r, b, f in zip(samples, answers_before, answers_after, strict=False)
+            for r, b, f in zip(samples, answers_before, answers_after, strict=True)
         ]
+        keys = SUMMARY_KEYS[task.kind]
         write_report(out / "report.md", cfg, result, examples, source)
-        _print_summary(result, examples, out)
+        _print_summary(result, keys, examples, out)
     return result
-
-
-def _targets(value: Any) -> str | list[str]:
-    return value if isinstance(value, str) else list(value)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
-def _print_summary(result: dict, examples: list[dict], out: Path) -> None:
+def _print_summary(result: dict, keys: tuple[str, ...], examples: list[dict], out: Path) -> None:
     b, a = result["before"], result["after"]
     print("\n=== lightning-qlora: before -> after ===")
-    for key in ("val_loss", "val_ppl", "val_token_acc"):
-        print(f"{key:>14}: {b[key]:.4f} -> {a[key]:.4f}")
+    for key in keys:
+        if key in b:
+            print(f"{key:>15}: {b[key]:.4f} -> {a[key]:.4f}")
     for ex in examples:
         print(f"\nPrompt (end): ...{ex['prompt'][-160:]}")
         print(f"Reference:     {ex['reference']}")
         print(f"Before:        {ex['before']}")
         print(f"After:         {ex['after']}")
-    print(f"\nOutputs: {out} (config.yaml, logs/metrics.csv, loss_curve.png, adapter/, report.md)")
+    print(f"\nOutputs: {out} (config.yaml, metrics.json, logs/, loss_curve.png, adapter/, report.md)")

@@ -1,4 +1,4 @@
-"""A DataModule for (prompt, answer) fine-tuning, with the loss on the answer tokens."""
+"""DataModules: (prompt, answer) fine-tuning with answer-only loss, and text classification."""
 
 from __future__ import annotations
 
@@ -27,11 +27,86 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if all(e.choice_ids is not None for e in batch):
+        out["choice_ids"] = torch.tensor([e.choice_ids for e in batch], dtype=torch.long)
+        out["choice_label"] = torch.tensor([e.choice_label for e in batch], dtype=torch.long)
+        out["answer_start"] = torch.tensor([e.answer_start for e in batch], dtype=torch.long)
+    return out
 
 
-class PromptAnswerDataModule(L.LightningDataModule):
-    """Tokenize rows into chat-formatted prompt + answer examples.
+class _TokenizedDataModule(L.LightningDataModule):
+    """Shared plumbing: argument checks, tokenizing each split once, loaders."""
+
+    def __init__(self, tokenizer, splits: dict[str, list[Row]], max_length: int, batch_size: int, seed: int) -> None:
+        super().__init__()
+        if max_length < 8:
+            raise ValueError(f"max_length={max_length} is too small; use at least 64 tokens.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} should be >= 1.")
+        for split in ("train", "validation"):
+            if not splits.get(split):
+                raise ValueError(f"The {split!r} split is empty; give it at least one row.")
+        self.tokenizer = tokenizer
+        self.splits = splits
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.encoded: dict[str, list[Any]] = {}
+
+    def _encode_row(self, row: Row, split: str) -> tuple[Any | None, bool]:
+        """One row → (item, or None to drop it; whether it was truncated)."""
+        raise NotImplementedError
+
+    def _collate(self, batch: list[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        for split, rows in self.splits.items():
+            if split in self.encoded or not rows:
+                continue
+            out, truncated, dropped = [], 0, 0
+            for row in tqdm(rows, desc=f"Tokenizing {split}", unit="row", leave=False, disable=len(rows) < 500):
+                item, cut = self._encode_row(row, split)
+                truncated += cut
+                if item is None:
+                    dropped += 1
+                else:
+                    out.append(item)
+            if not out:
+                raise ValueError(
+                    f"Every {split} row was cut before its answer at max_length={self.max_length};"
+                    " raise data.max_length."
+                )
+            note = f", {truncated} truncated to {self.max_length} tokens" if truncated else ""
+            note += f", {dropped} dropped (no answer token left)" if dropped else ""
+            rank_zero_info(f"Data: {split}: {len(out)} examples{note}")
+            self.encoded[split] = out
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.encoded[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self._collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.encoded else "validation", shuffle=False)
+
+
+class PromptAnswerDataModule(_TokenizedDataModule):
+    """Tokenize rows into chat-formatted prompt + answer examples, the loss on the answer.
 
     Args:
         tokenizer: A transformers tokenizer (its chat template is used when it has one).
@@ -41,6 +116,8 @@ class PromptAnswerDataModule(L.LightningDataModule):
         batch_size: Micro-batch size.
         system: Optional system prompt.
         seed: Seed of the training shuffle.
+        choices: Optional: a row's answer options, scored by likelihood in validation and test.
+        label: Optional, with ``choices``: the index of a row's right option.
     """
 
     def __init__(
@@ -52,66 +129,55 @@ class PromptAnswerDataModule(L.LightningDataModule):
         batch_size: int = 4,
         system: str | None = None,
         seed: int = 0,
+        choices: Callable[[Row], list[str]] | None = None,
+        label: Callable[[Row], int] | None = None,
     ) -> None:
-        super().__init__()
-        if max_length < 8:
-            raise ValueError(f"max_length={max_length} is too small; use at least 64 tokens.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} should be >= 1.")
-        for split in ("train", "validation"):
-            if not splits.get(split):
-                raise ValueError(f"The {split!r} split is empty; give it at least one row.")
-        self.tokenizer = tokenizer
-        self.splits = splits
+        super().__init__(tokenizer, splits, max_length, batch_size, seed)
         self.to_pair = to_pair
-        self.max_length = max_length
-        self.batch_size = batch_size
         self.system = system
-        self.seed = seed
-        self.encoded: dict[str, list[Encoded]] = {}
+        self.choices = choices if label is not None else None
+        self.label = label
 
-    def setup(self, stage: str | None = None) -> None:
-        for split, rows in self.splits.items():
-            if split not in self.encoded and rows:
-                self.encoded[split] = self._encode(split, rows)
+    def _encode_row(self, row: Row, split: str) -> tuple[Encoded | None, bool]:
+        prompt, answer = self.to_pair(row)
+        options = self.choices(row) if self.choices and split != "train" else None
+        gold = self.label(row) if options else -1
+        enc = encode_pair(self.tokenizer, prompt, answer, self.max_length, self.system, options, gold)
+        # Cut before the answer began: nothing to learn from.
+        keep = any(label != IGNORE_INDEX for label in enc.labels)
+        return (enc if keep else None), enc.truncated
 
-    def _encode(self, split: str, rows: list[Row]) -> list[Encoded]:
-        from tqdm.auto import tqdm
+    def _collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.tokenizer.pad_token_id)
 
-        out, truncated, dropped = [], 0, 0
-        for row in tqdm(rows, desc=f"Tokenizing {split}", unit="row", leave=False, disable=len(rows) < 500):
-            prompt, answer = self.to_pair(row)
-            enc = encode_pair(self.tokenizer, prompt, answer, self.max_length, self.system)
-            truncated += enc.truncated
-            if all(label == IGNORE_INDEX for label in enc.labels):
-                dropped += 1  # cut before the answer began: nothing to learn from
-                continue
-            out.append(enc)
-        if not out:
-            raise ValueError(
-                f"Every {split} row was cut before its answer at max_length={self.max_length}; raise data.max_length."
-            )
-        note = f", {truncated} truncated to {self.max_length} tokens" if truncated else ""
-        note += f", {dropped} dropped (no answer token left)" if dropped else ""
-        rank_zero_info(f"Data: {split}: {len(out)} examples{note}")
-        return out
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        pad_id = self.tokenizer.pad_token_id
-        return DataLoader(
-            self.encoded[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=lambda b: collate(b, pad_id),
-        )
+class TextClassificationDataModule(_TokenizedDataModule):
+    """Tokenize ``text`` fields for a classification head; ``label`` gives each row's class index."""
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def __init__(
+        self,
+        tokenizer,
+        splits: dict[str, list[Row]],
+        label: Callable[[Row], int],
+        text_field: str = "text",
+        max_length: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tokenizer, splits, max_length, batch_size, seed)
+        self.label = label
+        self.text_field = text_field
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+    def _encode_row(self, row: Row, split: str) -> tuple[tuple[list[int], int], bool]:
+        ids = self.tokenizer(str(row[self.text_field]), add_special_tokens=False)["input_ids"]
+        return (ids[: self.max_length], self.label(row)), len(ids) > self.max_length
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.encoded else "validation", shuffle=False)
+    def _collate(self, batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

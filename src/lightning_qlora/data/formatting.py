@@ -9,11 +9,29 @@ from lightning_qlora.metrics import IGNORE_INDEX
 
 @dataclass
 class Encoded:
-    """One tokenized example; ``truncated`` tells whether it was cut to ``max_length``."""
+    """One tokenized example; ``truncated`` tells whether it was cut to ``max_length``.
+
+    For choice scoring, ``choice_ids`` holds the first token of each option and
+    ``choice_label`` the index of the right one; the answer begins at ``answer_start``.
+    """
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    answer_start: int = -1
+    choice_ids: list[int] | None = None
+    choice_label: int = -1
+
+
+def choice_token_ids(tokenizer, choices: list[str]) -> list[int]:
+    """The first token of each option; they must differ, since the option is scored by it."""
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+    if len(set(ids)) != len(ids):
+        raise ValueError(
+            f"The options {choices} do not start with distinct tokens under this tokenizer, so they cannot be"
+            " scored by likelihood; use options whose first tokens differ."
+        )
+    return ids
 
 
 def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
@@ -24,7 +42,15 @@ def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
     return (f"{system}\n\n" if system else "") + f"{prompt}\n"
 
 
-def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, system: str | None = None) -> Encoded:
+def encode_pair(
+    tokenizer,
+    prompt: str,
+    answer: str,
+    max_length: int,
+    system: str | None = None,
+    choices: list[str] | None = None,
+    gold: int = -1,
+) -> Encoded:
     """Token ids of prompt + answer, labels ``-100`` on the prompt; cut at ``max_length``.
 
     The answer ends with the tokenizer's end-of-turn token (EOS), so that a trained
@@ -37,4 +63,13 @@ def encode_pair(tokenizer, prompt: str, answer: str, max_length: int, system: st
     ids = head + tail
     labels = [IGNORE_INDEX] * len(head) + tail
     truncated = len(ids) > max_length
-    return Encoded(ids[:max_length], labels[:max_length], truncated)
+    enc = Encoded(ids[:max_length], labels[:max_length], truncated, answer_start=len(head))
+    if choices is not None:
+        enc.choice_ids = choice_token_ids(tokenizer, choices)
+        enc.choice_label = gold
+        if tail[0] != enc.choice_ids[gold]:
+            raise ValueError(
+                f"The answer {answer[:40]!r} does not start with the token of its option {choices[gold]!r};"
+                " the task's answers must begin with the option text."
+            )
+    return enc

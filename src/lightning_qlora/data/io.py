@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,32 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path}: expected a JSON list of objects.")
     return data
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``owner/name`` with no local file of that name and no data-file suffix."""
+    return (
+        not Path(path).expanduser().exists()
+        and not path.lower().endswith(SUFFIXES)
+        and re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None
+    )
+
+
+def read_hub_splits(dataset_id: str, config: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """All splits of a Hugging Face hub dataset as lists of rows (needs `datasets` and network)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            f"data.path={dataset_id!r} is a hub dataset id, which needs the `datasets` package:"
+            " pip install datasets, or download the data and pass a local jsonl/csv/parquet file."
+        ) from err
+    try:
+        loaded = datasets.load_dataset(dataset_id, config)
+    except Exception as err:  # network, auth and missing-dataset errors all end the same way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"Could not load dataset {dataset_id!r} from the hub ({first}); download it and pass"
+            " data.path=<local jsonl/csv/parquet file>."
+        ) from err
+    return {split: loaded[split].to_list() for split in loaded}

@@ -15,14 +15,21 @@ Row = dict[str, Any]
 
 @dataclass(frozen=True)
 class Task:
-    """A dataset schema: required fields, and the (prompt, answer) it gives."""
+    """A dataset schema: required fields, and the (prompt, answer) it gives.
+
+    ``kind`` is ``"generate"`` (causal LM, loss on the answer) or ``"classify"`` (a
+    classification head over ``text``). ``choices`` are the answer openings scored by
+    likelihood for the choice accuracy (e.g. Yes/No/Maybe, or the letters A-E).
+    """
 
     name: str
     dataset: str
     required: tuple[str, ...]
-    to_pair: Callable[[Row], tuple[str, str]]
+    to_pair: Callable[[Row], tuple[str, str]] | None = None
     choices: Callable[[Row], list[str]] | None = None
     label: Callable[[Row], int] | None = None
+    kind: str = "generate"
+    label_names: tuple[str, ...] = ()
 
     def validate(self, rows: list[Row], split: str) -> None:
         """Raise ``ValueError`` naming the first row and field that don't fit the schema."""
@@ -37,7 +44,7 @@ class Task:
             if self.label is not None:
                 try:
                     self.label(row)
-                except (KeyError, ValueError) as err:
+                except (KeyError, ValueError, TypeError) as err:
                     raise ValueError(f"{split} row {index}: {err}") from err
 
 
@@ -83,7 +90,61 @@ PUBMEDQA = Task(
     label=_pubmedqa_label,
 )
 
-TASKS = {t.name: t for t in (PUBMEDQA,)}
+# --- CaseHOLD (casehold/casehold) ------------------------------------------------
+LETTERS = "ABCDE"
+
+
+def _casehold_label(row: Row) -> int:
+    label = str(row["label"]).strip()
+    if label not in {"0", "1", "2", "3", "4"}:
+        raise ValueError(f"label={row['label']!r} is not one of 0-4 (the index of the correct holding).")
+    return int(label)
+
+
+def _casehold_pair(row: Row) -> tuple[str, str]:
+    options = "\n".join(f"{LETTERS[i]}. {row[f'holding_{i}']}" for i in range(5))
+    prompt = (
+        "Which holding does the citing case rely on where the text says <HOLDING>? Answer with the letter"
+        f" and the holding.\n\n{row['citing_prompt']}\n\n{options}"
+    )
+    gold = _casehold_label(row)
+    return prompt, f"{LETTERS[gold]}. {row[f'holding_{gold}']}"
+
+
+CASEHOLD = Task(
+    name="casehold",
+    dataset="casehold/casehold",
+    required=("citing_prompt", *(f"holding_{i}" for i in range(5)), "label"),
+    to_pair=_casehold_pair,
+    choices=lambda row: list(LETTERS),
+    label=_casehold_label,
+)
+
+
+# --- AG News (fancyzhx/ag_news) -----------------------------------------------------
+AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+
+
+def _ag_news_label(row: Row) -> int:
+    label = row["label"]
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)  # csv cells are strings
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(AG_NEWS_LABELS):
+        names = ", ".join(f"{i}={n}" for i, n in enumerate(AG_NEWS_LABELS))
+        raise ValueError(f"label={row['label']!r} is outside the label set ({names}).")
+    return label
+
+
+AG_NEWS = Task(
+    name="ag_news",
+    dataset="fancyzhx/ag_news",
+    required=("text", "label"),
+    label=_ag_news_label,
+    kind="classify",
+    label_names=AG_NEWS_LABELS,
+)
+
+TASKS = {t.name: t for t in (PUBMEDQA, CASEHOLD, AG_NEWS)}
 
 
 def get_task(name: str) -> Task:

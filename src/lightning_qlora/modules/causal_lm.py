@@ -8,18 +8,21 @@ import os
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_qlora.metrics import TokenMetrics, answer_positions, shifted_token_stats, token_stats
+from lightning_qlora.metrics import TokenMetrics, answer_positions, token_stats
 from lightning_qlora.models import DEFAULT_MODEL, load_model
-from lightning_qlora.optim import build_optimizer, check_optim_args, warmup_cosine
+from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
 class CausalLMModule(L.LightningModule):
     """Fine-tune a causal language model on batches of ``input_ids``, ``attention_mask``, ``labels``.
 
     Labels are aligned with the inputs, ``-100`` where no loss is taken (the prompt, padding).
-    Logs ``train_loss``; and ``val_loss``, ``val_ppl``, ``val_token_acc`` (likewise ``test_*``).
+    Logs ``train_loss``; and ``val_loss``, ``val_ppl``, ``val_token_acc`` (likewise ``test_*``),
+    plus ``val_choice_acc`` when batches carry answer options (``choice_ids``, ``choice_label``,
+    ``answer_start``): the share of rows whose right option is the most likely one.
 
     Args:
         model: A transformers model, or a name/path to load in ``configure_model``
@@ -48,6 +51,9 @@ class CausalLMModule(L.LightningModule):
         self._keeps_logits: bool | None = None
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
+        # Accuracy of the option (e.g. yes/no/maybe, A-E) the model finds most likely.
+        self.val_choice_acc = MeanMetric()
+        self.test_choice_acc = MeanMetric()
 
     @override
     def configure_model(self) -> None:
@@ -63,12 +69,13 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
-    def _stats(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_scored(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits where a loss is taken, their targets, and the kept positions (None: all)."""
         labels = batch["labels"]
         if self._keeps_logits is None:
             self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if not self._keeps_logits:
-            return shifted_token_stats(self(batch["input_ids"], batch.get("attention_mask")), labels)
+            return self(batch["input_ids"], batch.get("attention_mask"))[:, :-1], labels[:, 1:], None
         # The head only runs where a loss is taken: prompts are masked, and with a 49k
         # vocabulary the head is a fifth of the forward FLOPs of a 135M model.
         keep = answer_positions(labels)
@@ -78,7 +85,11 @@ class CausalLMModule(L.LightningModule):
             use_cache=False,
             logits_to_keep=keep,
         ).logits
-        return token_stats(logits, labels[:, 1:][:, keep])
+        return logits, labels[:, 1:][:, keep], keep
+
+    def _stats(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, target, _ = self._forward_scored(batch)
+        return token_stats(logits, target)
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -87,33 +98,42 @@ class CausalLMModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: TokenMetrics, choice: MeanMetric) -> None:
+        logits, target, keep = self._forward_scored(batch)
+        metrics.update(*token_stats(logits, target))
+        if "choice_ids" in batch:
+            # Score each option by the likelihood of its first token where the answer begins.
+            position = batch["answer_start"] - 1
+            column = position if keep is None else torch.searchsorted(keep, position)
+            rows = torch.arange(logits.size(0), device=logits.device)
+            first = logits[rows, column]  # (batch, vocab)
+            scores = first.gather(1, batch["choice_ids"])
+            choice.update((scores.argmax(-1) == batch["choice_label"]).float())
+
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.val_metrics.update(*self._stats(batch))
+        self._eval_step(batch, self.val_metrics, self.val_choice_acc)
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val", self.val_metrics, self.val_choice_acc)
 
     @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.test_metrics.update(*self._stats(batch))
+        self._eval_step(batch, self.test_metrics, self.test_choice_acc)
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        self._log_metrics("test", self.test_metrics, self.test_choice_acc)
 
-    def _log_metrics(self, stage: str, metric: TokenMetrics) -> None:
-        values = metric.compute()
-        self.log_dict({f"{stage}_{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=False)
+    def _log_metrics(self, stage: str, metric: TokenMetrics, choice: MeanMetric) -> None:
+        values = {f"{stage}_{k}": v for k, v in metric.compute().items()}
+        if choice.update_called:
+            values[f"{stage}_choice_acc"] = choice.compute()
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
         metric.reset()
+        choice.reset()
 
     @override
     def configure_optimizers(self):
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, hp.optimizer, hp.lr, hp.weight_decay, self.device)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        factor = warmup_cosine(total, hp.warmup_steps, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self)
