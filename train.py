@@ -14,7 +14,6 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-
 # Lightning on torch 2.13 warns about a torch pytree deprecation on every run; not ours to fix.
 warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 

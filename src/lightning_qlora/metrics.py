@@ -11,6 +11,18 @@ from torchmetrics import Metric
 IGNORE_INDEX = -100
 
 
+def reset_outside_inference(*metrics) -> None:
+    """Reset metrics so that their fresh states are normal tensors.
+
+    ``trainer.validate``/``test`` run under ``torch.inference_mode``; states re-created
+    there are inference tensors, and the next in-place update during ``fit`` (which
+    validates without inference mode) would fail ("Inplace update to inference tensor").
+    """
+    with torch.inference_mode(False):
+        for metric in metrics:
+            metric.reset()
+
+
 def answer_positions(labels: Tensor) -> Tensor:
     """Sequence positions whose next token is scored in at least one row of the batch."""
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)

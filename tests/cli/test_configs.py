@@ -33,3 +33,15 @@ def test_every_option_composes_with_the_stable_keys(group, option):
             assert part in node, f"{key} missing with {group}={option}"
             node = node[part]
     assert cfg.data.task in {"pubmedqa", "casehold", "ag_news"}
+
+
+def test_holding_out_validation_is_deterministic_by_seed():
+    from lightning_qlora.cli.train import _hold_out
+
+    rows = [{"i": i} for i in range(20)]
+    a = _hold_out({"train": rows}, 0.25, seed=3, source="x")
+    b = _hold_out({"train": rows}, 0.25, seed=3, source="x")
+    c = _hold_out({"train": rows}, 0.25, seed=4, source="x")
+    assert a == b and a != c
+    assert len(a["validation"]) == 5 and len(a["train"]) == 15
+    assert sorted(r["i"] for r in a["train"] + a["validation"]) == list(range(20))

@@ -46,3 +46,19 @@ def test_collate_pads_right_with_masked_labels():
 def test_empty_split_is_refused():
     with pytest.raises(ValueError, match="'validation' split is empty"):
         PromptAnswerDataModule(CharTokenizer(), {"train": [{}], "validation": []}, lambda r: ("", ""))
+
+
+def test_packing_keeps_examples_apart():
+    from lightning_qlora.data.formatting import pack
+
+    tok = CharTokenizer()
+    examples = [encode_pair(tok, "ab", "c", 64), encode_pair(tok, "d", "efg", 64), encode_pair(tok, "h" * 8, "i", 64)]
+    assert [r.doc_lengths for r in pack(examples, max_length=10)] == [[5], [6], [11]]  # 11 > 10: kept whole
+    rows = pack(examples[:2], max_length=16)
+    assert rows[0].doc_lengths == [5, 6] and len(rows[0].input_ids) == 11
+    batch = collate(rows, pad_id=0)
+    mask, positions = batch["attention_mask"], batch["position_ids"]
+    assert mask.shape == (1, 1, 11, 11) and mask.dtype == torch.bool
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
+    assert not mask[0, 0, 6, :5].any()  # the second example cannot see the first
+    assert mask[0, 0, 6, 5:7].all()

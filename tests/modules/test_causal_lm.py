@@ -40,3 +40,37 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_bad_optimizer_arguments(tiny_llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
         CausalLMModule(tiny_llama, **kwargs)
+
+
+def test_packed_batch_gives_the_same_loss_as_separate_rows(tiny_llama):
+    from lightning_qlora.data import collate
+    from lightning_qlora.data.formatting import Encoded, pack
+
+    module = CausalLMModule(tiny_llama).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in ((9, 3), (6, 2), (12, 5)):
+        ids = torch.randint(0, 64, (n,), generator=g).tolist()
+        examples.append(Encoded(ids, [-100] * prompt + ids[prompt:], False))
+    packed = collate(pack(examples, max_length=64), pad_id=0)
+    separate = collate(examples, pad_id=0)
+    with torch.no_grad():
+        nll_packed, _, n_packed = module._stats(packed)
+        nll_separate, _, n_separate = module._stats(separate)
+    assert packed["input_ids"].shape == (1, 27)
+    assert n_packed == n_separate == 6 + 4 + 7
+    torch.testing.assert_close(nll_packed, nll_separate, rtol=1e-4, atol=1e-4)
+
+
+def test_validate_before_fit_then_validation_inside_fit(tiny_llama):
+    # trainer.validate runs under inference mode; the metric states it leaves behind must
+    # still accept updates during the validation that fit runs at the end of an epoch.
+    from lightning_qlora import QLoRAPlugin
+    from tests.conftest import loader, quiet_trainer
+
+    module = CausalLMModule(tiny_llama)
+    trainer = quiet_trainer(plugins=[QLoRAPlugin()], max_epochs=1)
+    val = loader(counting_batches(2, seed=5))
+    before = trainer.validate(module, val, verbose=False)[0]["val_loss"]
+    trainer.fit(module, loader(counting_batches(3)), val)
+    assert trainer.callback_metrics["val_loss"] != before

@@ -124,6 +124,7 @@ def build_data(cfg: DictConfig, task: Task, tokenizer, splits: dict[str, list[di
         seed=cfg.seed,
         choices=task.choices,
         label=task.label,
+        packing=d.packing,
     )
 
 

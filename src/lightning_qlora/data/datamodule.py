@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_qlora.data.formatting import Encoded, encode_pair
+from lightning_qlora.data.formatting import Encoded, encode_pair, pack
 from lightning_qlora.metrics import IGNORE_INDEX
 
 Row = dict[str, Any]
@@ -28,11 +28,28 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.doc_lengths for e in batch):
+        out["attention_mask"], out["position_ids"] = _packed_mask_and_positions(batch, width)
     if all(e.choice_ids is not None for e in batch):
         out["choice_ids"] = torch.tensor([e.choice_ids for e in batch], dtype=torch.long)
         out["choice_label"] = torch.tensor([e.choice_label for e in batch], dtype=torch.long)
         out["answer_start"] = torch.tensor([e.answer_start for e in batch], dtype=torch.long)
     return out
+
+
+def _packed_mask_and_positions(batch: Sequence[Encoded], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (batch, 1, width, width) block-diagonal causal mask and per-example position ids."""
+    doc = torch.full((len(batch), width), -1, dtype=torch.long)  # padding: one block of its own
+    positions = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        start = 0
+        for d, n in enumerate(e.doc_lengths or [len(e.input_ids)]):
+            doc[i, start : start + n] = d
+            positions[i, start : start + n] = torch.arange(n)
+            start += n
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return mask[:, None], positions
 
 
 class _TokenizedDataModule(L.LightningDataModule):
@@ -118,6 +135,8 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         seed: Seed of the training shuffle.
         choices: Optional: a row's answer options, scored by likelihood in validation and test.
         label: Optional, with ``choices``: the index of a row's right option.
+        packing: Pack training examples into rows of ``max_length`` tokens (less padding, fewer
+            steps per epoch); each example still sees only itself (block-diagonal attention).
     """
 
     def __init__(
@@ -131,8 +150,10 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         seed: int = 0,
         choices: Callable[[Row], list[str]] | None = None,
         label: Callable[[Row], int] | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__(tokenizer, splits, max_length, batch_size, seed)
+        self.packing = packing
         self.to_pair = to_pair
         self.system = system
         self.choices = choices if label is not None else None
@@ -149,6 +170,15 @@ class PromptAnswerDataModule(_TokenizedDataModule):
 
     def _collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         return collate(batch, self.tokenizer.pad_token_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        packed_before = "train" in self.encoded
+        super().setup(stage)
+        if self.packing and not packed_before:
+            examples = self.encoded["train"]
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            self.encoded["train"] = pack([examples[i] for i in order], self.max_length)
+            rank_zero_info(f"Data: train: packed {len(examples)} examples into {len(self.encoded['train'])} rows")
 
 
 class TextClassificationDataModule(_TokenizedDataModule):

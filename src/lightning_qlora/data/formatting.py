@@ -21,6 +21,28 @@ class Encoded:
     answer_start: int = -1
     choice_ids: list[int] | None = None
     choice_label: int = -1
+    doc_lengths: list[int] | None = None  # set on packed rows: the lengths of the examples in it
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Greedily pack examples, in order, into rows of at most ``max_length`` tokens.
+
+    Each packed row records its examples' lengths, from which the collator builds
+    position ids that restart per example and a block-diagonal causal mask, so that
+    an example never attends to its neighbours.
+    """
+    rows: list[Encoded] = []
+    for e in examples:
+        last = rows[-1] if rows else None
+        if last is not None and len(last.input_ids) + len(e.input_ids) <= max_length:
+            last.input_ids = last.input_ids + e.input_ids
+            # An example's first token has no context; never score it from the previous one.
+            last.labels = last.labels + [IGNORE_INDEX] + e.labels[1:]
+            last.doc_lengths.append(len(e.input_ids))
+            last.truncated = last.truncated or e.truncated
+        else:
+            rows.append(Encoded(list(e.input_ids), list(e.labels), e.truncated, doc_lengths=[len(e.input_ids)]))
+    return rows
 
 
 def choice_token_ids(tokenizer, choices: list[str]) -> list[int]:

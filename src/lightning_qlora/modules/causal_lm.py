@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_qlora.metrics import TokenMetrics, answer_positions, token_stats
+from lightning_qlora.metrics import TokenMetrics, answer_positions, reset_outside_inference, token_stats
 from lightning_qlora.models import DEFAULT_MODEL, load_model
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
@@ -75,13 +75,20 @@ class CausalLMModule(L.LightningModule):
         if self._keeps_logits is None:
             self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if not self._keeps_logits:
-            return self(batch["input_ids"], batch.get("attention_mask"))[:, :-1], labels[:, 1:], None
+            logits = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+            ).logits
+            return logits[:, :-1], labels[:, 1:], None
         # The head only runs where a loss is taken: prompts are masked, and with a 49k
         # vocabulary the head is a fifth of the forward FLOPs of a 135M model.
         keep = answer_positions(labels)
         logits = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),  # packed rows restart positions per example
             use_cache=False,
             logits_to_keep=keep,
         ).logits
@@ -131,8 +138,7 @@ class CausalLMModule(L.LightningModule):
         if choice.update_called:
             values[f"{stage}_choice_acc"] = choice.compute()
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
-        metric.reset()
-        choice.reset()
+        reset_outside_inference(metric, choice)
 
     @override
     def configure_optimizers(self):

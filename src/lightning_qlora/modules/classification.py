@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from typing_extensions import override
 
+from lightning_qlora.metrics import reset_outside_inference
 from lightning_qlora.models import DEFAULT_MODEL, load_model
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
@@ -98,9 +99,8 @@ class SequenceClassificationModule(L.LightningModule):
             (self.val_metrics, self.val_confusion) if stage == "val" else (self.test_metrics, self.test_confusion)
         )
         self.log_dict(metrics.compute(), prog_bar=stage == "val")
-        self.confusion[stage] = confusion.compute().cpu()
-        metrics.reset()
-        confusion.reset()
+        self.confusion[stage] = confusion.compute().clone().cpu()
+        reset_outside_inference(metrics, confusion)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
