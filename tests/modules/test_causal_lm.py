@@ -74,3 +74,18 @@ def test_validate_before_fit_then_validation_inside_fit(tiny_llama):
     before = trainer.validate(module, val, verbose=False)[0]["val_loss"]
     trainer.fit(module, loader(counting_batches(3)), val)
     assert trainer.callback_metrics["val_loss"] != before
+
+
+def test_option_scores_match_scoring_each_option_from_scratch(tiny_llama):
+    from lightning_qlora.modules.causal_lm import option_scores
+
+    tiny_llama.eval()
+    prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2))
+    options = [[5, 6, 7], [9], [10, 11]]
+    with torch.no_grad():
+        cached = option_scores(tiny_llama, prompt, options)
+        expected = []
+        for option in options:
+            logp = tiny_llama(torch.cat([prompt, torch.tensor([option])], 1)).logits[0].log_softmax(-1)
+            expected.append(sum(logp[6 + j, t] for j, t in enumerate(option)) / len(option))
+    torch.testing.assert_close(cached, torch.stack(expected), rtol=1e-5, atol=1e-5)

@@ -125,6 +125,7 @@ def build_data(cfg: DictConfig, task: Task, tokenizer, splits: dict[str, list[di
         choices=task.choices,
         label=task.label,
         packing=d.packing,
+        choice_scoring=task.choice_scoring,
     )
 
 

@@ -34,6 +34,10 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         out["choice_ids"] = torch.tensor([e.choice_ids for e in batch], dtype=torch.long)
         out["choice_label"] = torch.tensor([e.choice_label for e in batch], dtype=torch.long)
         out["answer_start"] = torch.tensor([e.answer_start for e in batch], dtype=torch.long)
+    if all(e.choice_seqs is not None for e in batch):
+        out["choice_seqs"] = [e.choice_seqs for e in batch]
+        out["choice_label"] = torch.tensor([e.choice_label for e in batch], dtype=torch.long)
+        out["answer_start"] = torch.tensor([e.answer_start for e in batch], dtype=torch.long)
     return out
 
 
@@ -134,6 +138,7 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         system: Optional system prompt.
         seed: Seed of the training shuffle.
         choices: Optional: a row's answer options, scored by likelihood in validation and test.
+        choice_scoring: ``"first_token"`` or ``"sequence"`` (mean log-likelihood of each option).
         label: Optional, with ``choices``: the index of a row's right option.
         packing: Pack training examples into rows of ``max_length`` tokens (less padding, fewer
             steps per epoch); each example still sees only itself (block-diagonal attention).
@@ -151,9 +156,11 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         choices: Callable[[Row], list[str]] | None = None,
         label: Callable[[Row], int] | None = None,
         packing: bool = False,
+        choice_scoring: str = "first_token",
     ) -> None:
         super().__init__(tokenizer, splits, max_length, batch_size, seed)
         self.packing = packing
+        self.choice_scoring = choice_scoring
         self.to_pair = to_pair
         self.system = system
         self.choices = choices if label is not None else None
@@ -163,7 +170,9 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         prompt, answer = self.to_pair(row)
         options = self.choices(row) if self.choices and split != "train" else None
         gold = self.label(row) if options else -1
-        enc = encode_pair(self.tokenizer, prompt, answer, self.max_length, self.system, options, gold)
+        enc = encode_pair(
+            self.tokenizer, prompt, answer, self.max_length, self.system, options, gold, self.choice_scoring
+        )
         # Cut before the answer began: nothing to learn from.
         keep = any(label != IGNORE_INDEX for label in enc.labels)
         return (enc if keep else None), enc.truncated

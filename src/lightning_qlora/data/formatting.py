@@ -21,6 +21,7 @@ class Encoded:
     answer_start: int = -1
     choice_ids: list[int] | None = None
     choice_label: int = -1
+    choice_seqs: list[list[int]] | None = None  # whole options, for sequence scoring
     doc_lengths: list[int] | None = None  # set on packed rows: the lengths of the examples in it
 
 
@@ -72,6 +73,7 @@ def encode_pair(
     system: str | None = None,
     choices: list[str] | None = None,
     gold: int = -1,
+    choice_scoring: str = "first_token",
 ) -> Encoded:
     """Token ids of prompt + answer, labels ``-100`` on the prompt; cut at ``max_length``.
 
@@ -86,7 +88,10 @@ def encode_pair(
     labels = [IGNORE_INDEX] * len(head) + tail
     truncated = len(ids) > max_length
     enc = Encoded(ids[:max_length], labels[:max_length], truncated, answer_start=len(head))
-    if choices is not None:
+    if choices is not None and choice_scoring == "sequence":
+        enc.choice_seqs = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+        enc.choice_label = gold
+    elif choices is not None:
         enc.choice_ids = choice_token_ids(tokenizer, choices)
         enc.choice_label = gold
         if tail[0] != enc.choice_ids[gold]:

@@ -19,7 +19,8 @@ class Task:
 
     ``kind`` is ``"generate"`` (causal LM, loss on the answer) or ``"classify"`` (a
     classification head over ``text``). ``choices`` are the answer openings scored by
-    likelihood for the choice accuracy (e.g. Yes/No/Maybe, or the letters A-E).
+    likelihood for the choice accuracy: by their first token (Yes/No/Maybe), or by the mean
+    log-likelihood of the whole option (``choice_scoring="sequence"``, e.g. CaseHOLD's holdings).
     """
 
     name: str
@@ -30,6 +31,7 @@ class Task:
     label: Callable[[Row], int] | None = None
     kind: str = "generate"
     label_names: tuple[str, ...] = ()
+    choice_scoring: str = "first_token"  # or "sequence": mean log-likelihood of each whole option
 
     def validate(self, rows: list[Row], split: str) -> None:
         """Raise ``ValueError`` naming the first row and field that don't fit the schema."""
@@ -90,10 +92,8 @@ PUBMEDQA = Task(
     label=_pubmedqa_label,
 )
 
+
 # --- CaseHOLD (casehold/casehold) ------------------------------------------------
-LETTERS = "ABCDE"
-
-
 def _casehold_label(row: Row) -> int:
     label = str(row["label"]).strip()
     if label not in {"0", "1", "2", "3", "4"}:
@@ -102,13 +102,10 @@ def _casehold_label(row: Row) -> int:
 
 
 def _casehold_pair(row: Row) -> tuple[str, str]:
-    options = "\n".join(f"{LETTERS[i]}. {row[f'holding_{i}']}" for i in range(5))
-    prompt = (
-        "Which holding does the citing case rely on where the text says <HOLDING>? Answer with the letter"
-        f" and the holding.\n\n{row['citing_prompt']}\n\n{options}"
-    )
-    gold = _casehold_label(row)
-    return prompt, f"{LETTERS[gold]}. {row[f'holding_{gold}']}"
+    # Cloze form, as CaseHOLD is scored for language models: the model reads the citing
+    # context and writes the holding; the five candidates are compared by likelihood.
+    prompt = f"Write the holding that the cited case stands for at <HOLDING>.\n\n{row['citing_prompt']}"
+    return prompt, str(row[f"holding_{_casehold_label(row)}"])
 
 
 CASEHOLD = Task(
@@ -116,8 +113,9 @@ CASEHOLD = Task(
     dataset="casehold/casehold",
     required=("citing_prompt", *(f"holding_{i}" for i in range(5)), "label"),
     to_pair=_casehold_pair,
-    choices=lambda row: list(LETTERS),
+    choices=lambda row: [str(row[f"holding_{i}"]) for i in range(5)],
     label=_casehold_label,
+    choice_scoring="sequence",
 )
 
 

@@ -16,6 +16,39 @@ from lightning_qlora.models import DEFAULT_MODEL, load_model
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
+@torch.no_grad()
+def option_scores(model: nn.Module, prompt_ids: torch.Tensor, options: list[list[int]]) -> torch.Tensor:
+    """Mean log-likelihood per token of each option after the prompt (batch of one prompt).
+
+    The prompt runs once; its KV cache is repeated for the options, so scoring K options
+    costs one prompt pass plus K short passes.
+    """
+    out = model(input_ids=prompt_ids, use_cache=True)
+    first = out.logits[0, -1].float().log_softmax(-1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(options))
+    width = max(len(o) for o in options)
+    ids = torch.zeros((len(options), width), dtype=torch.long, device=prompt_ids.device)
+    mask = torch.zeros((len(options), prompt_ids.size(1) + width), dtype=torch.long, device=prompt_ids.device)
+    mask[:, : prompt_ids.size(1)] = 1
+    for k, option in enumerate(options):
+        ids[k, : len(option)] = torch.tensor(option, device=prompt_ids.device)
+        mask[k, prompt_ids.size(1) : prompt_ids.size(1) + len(option)] = 1
+    positions = torch.arange(prompt_ids.size(1), prompt_ids.size(1) + width, device=prompt_ids.device)
+    logprobs = (
+        model(
+            input_ids=ids, attention_mask=mask, position_ids=positions.expand(len(options), -1), past_key_values=cache
+        )
+        .logits.float()
+        .log_softmax(-1)
+    )
+    scores = []
+    for k, option in enumerate(options):
+        total = first[option[0]] + sum(logprobs[k, j - 1, option[j]] for j in range(1, len(option)))
+        scores.append(total / len(option))
+    return torch.stack(scores)
+
+
 class CausalLMModule(L.LightningModule):
     """Fine-tune a causal language model on batches of ``input_ids``, ``attention_mask``, ``labels``.
 
@@ -116,6 +149,12 @@ class CausalLMModule(L.LightningModule):
             first = logits[rows, column]  # (batch, vocab)
             scores = first.gather(1, batch["choice_ids"])
             choice.update((scores.argmax(-1) == batch["choice_label"]).float())
+        elif "choice_seqs" in batch:
+            preds = [
+                option_scores(self.model, batch["input_ids"][b : b + 1, :start], options).argmax()
+                for b, (start, options) in enumerate(zip(batch["answer_start"].tolist(), batch["choice_seqs"]))
+            ]
+            choice.update((torch.stack(preds) == batch["choice_label"]).float())
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
