@@ -152,7 +152,9 @@ class CausalLMModule(L.LightningModule):
         elif "choice_seqs" in batch:
             preds = [
                 option_scores(self.model, batch["input_ids"][b : b + 1, :start], options).argmax()
-                for b, (start, options) in enumerate(zip(batch["answer_start"].tolist(), batch["choice_seqs"]))
+                for b, (start, options) in enumerate(
+                    zip(batch["answer_start"].tolist(), batch["choice_seqs"], strict=True)
+                )
             ]
             choice.update((torch.stack(preds) == batch["choice_label"]).float())
 
