@@ -87,7 +87,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json).")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    # A hub id is "owner/name" (one slash); anything else that looks like a path must exist.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"Model path {name!r} does not exist; pass a transformers directory or a hub id.")
     return name
 

@@ -190,11 +190,11 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
     before = trainer.validate(module, dm, verbose=False)[0]
     confusion_before = getattr(module, "confusion", {}).get("val")
-    answers_before = [generate(module.model, tokenizer, task.to_pair(r)[0], cfg.max_new_tokens) for r in samples]
+    answers_before = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
     trainer.fit(module, dm)
     after = trainer.validate(module, dm, verbose=False)[0]
     confusion_after = getattr(module, "confusion", {}).get("val")
-    answers_after = [generate(module.model, tokenizer, task.to_pair(r)[0], cfg.max_new_tokens) for r in samples]
+    answers_after = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
     test = trainer.test(module, dm, verbose=False)[0] if "test" in splits else {}
 
     result = {"before": _floats(before), "after": _floats(after), "test": _floats(test)}
@@ -211,6 +211,12 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
         write_report(out / "report.md", cfg, result, examples, source)
         _print_summary(result, keys, examples, out)
     return result
+
+
+def _answers(trainer: L.Trainer, module, tokenizer, task: Task, rows: list[dict], max_new_tokens: int) -> list[str]:
+    # The plugin's forward context (16-bit autocast on GPU) applies to generation as to training.
+    with trainer.precision_plugin.forward_context():
+        return [generate(module.model, tokenizer, task.to_pair(r)[0], max_new_tokens) for r in rows]
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

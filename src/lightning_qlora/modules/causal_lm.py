@@ -25,7 +25,9 @@ def option_scores(model: nn.Module, prompt_ids: torch.Tensor, options: list[list
     """
     out = model(input_ids=prompt_ids, use_cache=True)
     first = out.logits[0, -1].float().log_softmax(-1)
-    cache = out.past_key_values
+    # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(out, cache_kw)
     cache.batch_repeat_interleave(len(options))
     width = max(len(o) for o in options)
     ids = torch.zeros((len(options), width), dtype=torch.long, device=prompt_ids.device)
@@ -35,13 +37,10 @@ def option_scores(model: nn.Module, prompt_ids: torch.Tensor, options: list[list
         ids[k, : len(option)] = torch.tensor(option, device=prompt_ids.device)
         mask[k, prompt_ids.size(1) : prompt_ids.size(1) + len(option)] = 1
     positions = torch.arange(prompt_ids.size(1), prompt_ids.size(1) + width, device=prompt_ids.device)
-    logprobs = (
-        model(
-            input_ids=ids, attention_mask=mask, position_ids=positions.expand(len(options), -1), past_key_values=cache
-        )
-        .logits.float()
-        .log_softmax(-1)
+    step = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions.expand(len(options), -1), **{cache_kw: cache}
     )
+    logprobs = step.logits.float().log_softmax(-1)
     scores = []
     for k, option in enumerate(options):
         total = first[option[0]] + sum(logprobs[k, j - 1, option[j]] for j in range(1, len(option)))
