@@ -8,10 +8,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from lightning_qlora.quantize import head_names
@@ -213,8 +211,3 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None):
         peft_model = get_peft_model(model, lora)
     trainable, total = count_parameters(model)
     return peft_model, AdapterReport(chosen, trainable, total, config.r, config.alpha)
-
-
-def adapter_parameters(model: nn.Module) -> Sequence[torch.nn.Parameter]:
-    """The parameters that train: LoRA weights and any fully-trained modules."""
-    return [p for p in model.parameters() if p.requires_grad]

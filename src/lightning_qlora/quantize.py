@@ -312,9 +312,3 @@ def quantized_nbytes(layer: nn.Module) -> int:
     if isinstance(scb, torch.Tensor):
         total += scb.numel() * scb.element_size()
     return total
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` holds any bitsandbytes quantized layer."""
-    done_types = quantized_linear_types()
-    return any(isinstance(m, done_types) for m in module.modules())
