@@ -211,3 +211,32 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None):
         peft_model = get_peft_model(model, lora)
     trainable, total = count_parameters(model)
     return peft_model, AdapterReport(chosen, trainable, total, config.r, config.alpha)
+
+
+def load_adapters(model: nn.Module, directory: str, trainable: bool = False, gradient_checkpointing: bool = False):
+    """Inject a saved PEFT adapter into ``model`` in place (like :func:`add_adapters`, with its weights).
+
+    Args:
+        model: The base model, quantized the way the adapter was trained (or not, to compare).
+        directory: A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        trainable: Keep training the loaded adapter.
+        gradient_checkpointing: Recompute activations in backward (when training on).
+
+    Returns:
+        ``(peft_model, report)``.
+    """
+    from peft import PeftConfig, PeftModel
+
+    from lightning_qlora.export import check_adapter_dir
+
+    check_adapter_dir(directory)
+    if getattr(model, "peft_config", None):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters; load the adapter into a fresh base.")
+    peft_config = PeftConfig.from_pretrained(directory)
+    _prepare_for_kbit_training(model, gradient_checkpointing and trainable)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(model, directory, is_trainable=trainable)
+    layers = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    trainable_n, total = count_parameters(model)
+    return peft_model, AdapterReport(layers, trainable_n, total, peft_config.r, peft_config.lora_alpha)

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_qlora.adapters import ALL_LINEAR, AdapterConfig
+from lightning_qlora.export import check_adapter_dir, save_adapter
 from lightning_qlora.plugin import QLoRAPlugin
 
 
@@ -31,6 +32,8 @@ class LoRAAdapters(Callback):
         modules_to_save: Modules to train fully and save with the adapter (e.g. ``["score"]``).
         gradient_checkpointing: Recompute activations in backward to save memory.
         export_dir: If set, the adapter is written there in PEFT format at the end of fit.
+        load_from: A saved PEFT adapter directory to start from (to evaluate it, or train on);
+            its own config then replaces ``r``, ``alpha``, ``dropout`` and the targets.
     """
 
     def __init__(
@@ -42,9 +45,11 @@ class LoRAAdapters(Callback):
         modules_to_save: Sequence[str] = (),
         gradient_checkpointing: bool = True,
         export_dir: str | os.PathLike | None = None,
+        load_from: str | os.PathLike | None = None,
     ) -> None:
         self.config = AdapterConfig(r, alpha, dropout, target_modules, tuple(modules_to_save), gradient_checkpointing)
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.load_from = str(check_adapter_dir(load_from)) if load_from is not None else None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -55,6 +60,10 @@ class LoRAAdapters(Callback):
                 " pass Trainer(plugins=[QLoRAPlugin()], callbacks=[LoRAAdapters(...)])."
             )
         plugin.adapter_config = self.config
+        plugin.adapter_source = self.load_from
+        # Checkpoints hold only what trains; Lightning's strict load would run before the
+        # adapters exist, so QLoRAPlugin loads and checks them itself after injecting them.
+        pl_module.strict_loading = False
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -79,7 +88,7 @@ class LoRAAdapters(Callback):
         written = []
         for label, peft_model in plugin.peft_models.items():
             target = directory if len(plugin.peft_models) == 1 else directory / label
-            peft_model.save_pretrained(str(target), safe_serialization=True)
+            save_adapter(peft_model, target, plugin.quant_config)
             written.append(target)
             rank_zero_info(f"LoRAAdapters: exported {label} adapter (PEFT format) to {target}")
         return written

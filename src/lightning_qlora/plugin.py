@@ -9,7 +9,9 @@ for ``configure_optimizers`` to see only the adapter parameters.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Generator, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,7 +21,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.adapters import AdapterConfig, AdapterReport, add_adapters
+from lightning_qlora.adapters import AdapterConfig, AdapterReport, add_adapters, load_adapters
+from lightning_qlora.checkpoint import (
+    FORMAT_VERSION,
+    META_KEY,
+    base_fingerprint,
+    check_meta,
+    load_trainable_state,
+    trainable_state,
+)
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -78,6 +88,11 @@ class QLoRAPlugin(MixedPrecision):
         self.peft_models: dict[str, nn.Module] = {}
         self.quant_reports: dict[str, QuantReport] = {}
         self.adapter_reports: dict[str, AdapterReport] = {}
+        self._module: nn.Module | None = None
+        self._fingerprints: dict[str, dict[str, Any]] = {}
+        self._pending_rng: dict[str, Any] | None = None
+        # A saved PEFT adapter to start from instead of fresh adapters (set by LoRAAdapters(load_from=...)).
+        self.adapter_source: str | None = None
 
     def __repr__(self) -> str:
         # Lightning quotes the plugin's repr when Trainer gets both precision= and a
@@ -107,8 +122,11 @@ class QLoRAPlugin(MixedPrecision):
                 )
             device = strategy.root_device
         show = trainer is None or trainer.is_global_zero
+        self._module = module
         for name, model in find_models(module).items():
             label = name or type(model).__name__
+            if label not in self._fingerprints:
+                self._fingerprints[label] = base_fingerprint(model)
             report = quantize_model(model, self.quant_config, device, show_progress=show)
             self._set_precision(report.compute_dtype, report.device)
             if report.quantized:
@@ -116,7 +134,15 @@ class QLoRAPlugin(MixedPrecision):
                 rank_zero_info(f"QLoRAPlugin: {label}: {report.summary()}")
             if getattr(model, "peft_config", None):
                 continue  # adapters already there: a second fit/validate/test on the same module
-            peft_model, adapter_report = add_adapters(model, self.adapter_config)
+            if self.adapter_source is not None:
+                peft_model, adapter_report = load_adapters(
+                    model,
+                    self.adapter_source,
+                    trainable=True,
+                    gradient_checkpointing=self.adapter_config.gradient_checkpointing,
+                )
+            else:
+                peft_model, adapter_report = add_adapters(model, self.adapter_config)
             self.peft_models[label] = peft_model
             self.adapter_reports[label] = adapter_report
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")
@@ -157,5 +183,82 @@ class QLoRAPlugin(MixedPrecision):
             yield
 
     @override
+    @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        # RNG states come back right before the first step after a resume, so that LoRA
+        # dropout draws the same masks as an uninterrupted run would.
+        if self._pending_rng is not None:
+            _set_rng_states(self._pending_rng)
+            self._pending_rng = None
+        with self.forward_context():
+            yield
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: base, quantization and adapter per model."""
+        quant = {k: _plain(v) for k, v in asdict(self.quant_config).items()}
+        adapter = {k: _plain(v) for k, v in asdict(self.adapter_config).items()}
+        models = {
+            label: {"base": self._fingerprints[label], "quant": quant, "adapter": adapter} for label in self.peft_models
+        }
+        return {"format": FORMAT_VERSION, "models": models}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors in the checkpoint, and record what they belong to."""
+        if self._module is None or not self.peft_models or META_KEY in checkpoint:
+            return
+        checkpoint["state_dict"] = trainable_state(self._module)
+        checkpoint[META_KEY] = self.checkpoint_meta()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint against this run and load its adapter weights.
+
+        Lightning calls this after ``convert_module``, when the adapters exist; its own
+        earlier, non-strict ``load_state_dict`` could not place them yet.
+        """
+        if self._module is None:
+            return
+        path = str(getattr(self._module.trainer, "ckpt_path", None) or "checkpoint")
+        if META_KEY not in checkpoint:
+            raise ValueError(
+                f"{path} is not an adapter-only lightning-qlora checkpoint (no {META_KEY!r} entry);"
+                " resume from a checkpoint written by a QLoRAPlugin run."
+            )
+        check_meta(checkpoint[META_KEY], self.checkpoint_meta(), path)
+        load_trainable_state(self._module, checkpoint["state_dict"], path)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return self.scaler.state_dict() if self.scaler is not None else {}
+        state: dict[str, Any] = {"rng": _get_rng_states()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.scaler is not None and "scaler" in state_dict:
+            self.scaler.load_state_dict(state_dict["scaler"])
+        self._pending_rng = state_dict.get("rng")
+
+
+def _plain(value: Any) -> Any:
+    """A config value as checkpoints store it (``weights_only`` loads no dtypes or tuples)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _get_rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    python = states["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -9,19 +9,22 @@ from typing import Any
 from omegaconf import DictConfig
 
 
-def plot_loss(metrics_csv: Path, png: Path) -> bool:
-    """Plot train (and val) loss from Lightning's CSV log; False when there is nothing to plot."""
-    if not metrics_csv.is_file():
-        return False
+def plot_loss(metrics_csvs: Path | list[Path], png: Path) -> bool:
+    """Plot train (and val) loss from Lightning's CSV logs; False when there is nothing to plot.
+
+    Several files (a run and its resumed continuations) are drawn as one curve.
+    """
+    files = [metrics_csvs] if isinstance(metrics_csvs, Path) else list(metrics_csvs)
     steps, losses, val_steps, val_losses = [], [], [], []
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            if row.get("train_loss"):
-                steps.append(int(row["step"]))
-                losses.append(float(row["train_loss"]))
-            if row.get("val_loss"):
-                val_steps.append(int(row["step"]))
-                val_losses.append(float(row["val_loss"]))
+    for metrics_csv in (f for f in files if f.is_file()):
+        with metrics_csv.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train_loss"):
+                    steps.append(int(row["step"]))
+                    losses.append(float(row["train_loss"]))
+                if row.get("val_loss"):
+                    val_steps.append(int(row["step"]))
+                    val_losses.append(float(row["val_loss"]))
     if not losses:
         return False
     import matplotlib

@@ -141,3 +141,57 @@ def test_earlier_run_is_never_overwritten(tmp_path):
     (out / "report.md").write_text("precious")
     _one_line_error(_train(f"output_dir={out}"), "already holds files from an earlier run")
     assert (out / "report.md").read_text() == "precious"
+
+
+def _logged_losses(out: Path) -> dict[int, float]:
+    import csv
+
+    losses = {}
+    for path in sorted((out / "logs").glob("**/metrics.csv")):
+        with path.open() as f:
+            losses.update({int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")})
+    return losses
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path):
+    """SIGKILL a run right after its first checkpoint, resume=last, and compare with an uninterrupted run."""
+    import signal
+    import time
+
+    common = ("recipe=medical", f"model.name_or_path={tiny_model_dir}", "data.batch_size=2", "sample_prompts=0")
+    common += ("trainer.log_every_n_steps=1", "trainer.checkpoint_every_n_steps=2", "trainer.max_steps=12")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(*common, f"output_dir={full}").returncode == 0
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *common, f"output_dir={part}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = part / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert step < 12
+    second = _train(*common, f"output_dir={part}", "resume=last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (part / "logs" / "resumed_1" / "metrics.csv").is_file() and (part / "config_resumed_1.yaml").is_file()
+    expected, resumed = _logged_losses(full), _logged_losses(part)
+    after = [s for s in range(step, 12)]  # Lightning logs the loss of step s+1 at step s
+    assert set(after) <= set(resumed)
+    torch.testing.assert_close(torch.tensor([resumed[s] for s in after]), torch.tensor([expected[s] for s in after]))
+
+
+def test_resume_without_or_with_a_broken_checkpoint(tmp_path):
+    out = tmp_path / "o"
+    _one_line_error(_train(f"output_dir={out}", "resume=last"), "resume=last found no checkpoint at")
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    _one_line_error(_train(f"output_dir={tmp_path / 'o2'}", f"resume={broken}"), "is truncated or corrupted")
+    assert broken.read_bytes() == b"PK\x03\x04 not really a zip"

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.callbacks import LoRAAdapters
+from lightning_qlora.checkpoint import AtomicCheckpointIO, read_checkpoint
 from lightning_qlora.data import (
     PromptAnswerDataModule,
     Task,
@@ -25,6 +27,7 @@ from lightning_qlora.data import (
     read_hub_splits,
     read_rows,
 )
+from lightning_qlora.export import quant_config_of, update_metadata
 from lightning_qlora.generation import generate
 from lightning_qlora.models import load_tokenizer
 from lightning_qlora.modules import CausalLMModule, SequenceClassificationModule
@@ -38,9 +41,26 @@ SUMMARY_KEYS = {
 }
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into an earlier run's directory unless asked."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint to resume from: ``None``, ``"last"`` (this output_dir's) or a path; checked here."""
+    if resume in (None, ""):
+        return None
+    if str(resume) == "last":
+        path = out / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"resume=last found no checkpoint at {path}; set output_dir to the run to continue,"
+                " or resume=PATH to a .ckpt file."
+            )
+    else:
+        path = Path(str(resume))
+    read_checkpoint(path)  # a missing, truncated or foreign file fails here, before any model loads
+    return path
+
+
+def check_output_dir(out: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse to write into an earlier run's directory unless asked (or continuing it)."""
+    if out.exists() and any(out.iterdir()) and not (overwrite or resuming):
         raise FileExistsError(
             f"output_dir {str(out)!r} already holds files from an earlier run; choose another output_dir"
             " or pass overwrite=true."
@@ -93,13 +113,17 @@ def _hold_out(splits: dict[str, list[dict]], fraction: float, seed: int, source:
     }
 
 
-def build_logger(cfg: DictConfig, out: Path):
-    """CSV (default), TensorBoard, or wandb (offline when no API key is set, to sync later)."""
+def build_logger(cfg: DictConfig, out: Path, version: str = ""):
+    """CSV (default), TensorBoard, or wandb (offline when no API key is set, to sync later).
+
+    A resumed run logs to its own ``version`` sub-folder: Lightning's CSV logger would
+    otherwise delete the interrupted run's metrics file.
+    """
     kind = cfg.logger.type
     if kind == "csv":
-        return L.pytorch.loggers.CSVLogger(out, name="logs", version="")
+        return L.pytorch.loggers.CSVLogger(out, name="logs", version=version)
     if kind == "tensorboard":
-        return L.pytorch.loggers.TensorBoardLogger(out, name="logs", version="")
+        return L.pytorch.loggers.TensorBoardLogger(out, name="logs", version=version)
     if kind == "wandb":
         offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
         if offline:
@@ -138,7 +162,7 @@ def build_module(cfg: DictConfig, task: Task) -> L.LightningModule:
     return CausalLMModule(cfg.model.name_or_path, **optim)
 
 
-def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
+def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Trainer:
     t, q, a = cfg.trainer, cfg.quant, cfg.adapter
     plugin = QLoRAPlugin(q.type, q.double_quant, q.compute_dtype, q.quant_storage, list(q.skip_modules))
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
@@ -151,6 +175,15 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         a.gradient_checkpointing,
         export_dir=out / "adapter",
     )
+    # Adapter-only checkpoints (QLoRAPlugin drops the frozen base), written atomically.
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="step={step}",
+        every_n_train_steps=t.checkpoint_every_n_steps,
+        save_top_k=0,
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -161,10 +194,9 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
         gradient_clip_val=t.gradient_clip_val,
         # A run shorter than the logging interval would otherwise log no training loss at all.
         log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),
-        plugins=[plugin],
-        callbacks=[adapters],
-        logger=build_logger(cfg, out),
-        enable_checkpointing=False,
+        plugins=[plugin, AtomicCheckpointIO()],
+        callbacks=[adapters, checkpoints],
+        logger=build_logger(cfg, out, log_version),
         # Lightning's summary counts packed 4-bit bytes as parameters; the plugin logs true counts.
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -175,7 +207,8 @@ def build_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
 def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one fine-tune as configured; returns the metrics before and after training."""
     out = Path(out or cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
+    ckpt = resolve_resume(cfg.get("resume"), out)
+    check_output_dir(out, cfg.overwrite, resuming=ckpt is not None and str(cfg.resume) == "last")
     L.seed_everything(cfg.seed, verbose=False)
     task = get_task(cfg.data.task)
     splits, source = load_splits(cfg.data, task, cfg.seed)
@@ -184,14 +217,18 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     dm = build_data(cfg, task, tokenizer, splits)
     module = build_module(cfg, task)
-    trainer = build_trainer(cfg, out)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log_version = f"resumed_{len(list((out / 'logs').glob('resumed_*'))) + 1}" if ckpt is not None else ""
+    trainer = build_trainer(cfg, out, log_version)
+    config_file = out / (f"config_{log_version}.yaml" if log_version else "config.yaml")
+    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
     before = trainer.validate(module, dm, verbose=False)[0]
     confusion_before = getattr(module, "confusion", {}).get("val")
     answers_before = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
-    trainer.fit(module, dm)
+    if ckpt is not None:
+        rank_zero_info(f"Resuming from {ckpt}")
+    trainer.fit(module, dm, ckpt_path=ckpt, weights_only=True)
     after = trainer.validate(module, dm, verbose=False)[0]
     confusion_after = getattr(module, "confusion", {}).get("val")
     answers_after = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
@@ -200,17 +237,58 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     result = {"before": _floats(before), "after": _floats(after), "test": _floats(test)}
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        plot_loss(out / "logs" / "metrics.csv", out / "loss_curve.png")
+        plot_loss(sorted((out / "logs").glob("**/metrics.csv")), out / "loss_curve.png")
         if confusion_after is not None:
             plot_confusion(confusion_before, confusion_after, task.label_names, out / "confusion_matrix.png")
         examples = [
             {"prompt": task.to_pair(r)[0], "reference": task.to_pair(r)[1], "before": b, "after": f}
             for r, b, f in zip(samples, answers_before, answers_after, strict=True)
         ]
+        if (out / "adapter").is_dir():
+            # Merge and evaluate read the base, config and metrics from here.
+            update_metadata(
+                out / "adapter",
+                base_model=str(cfg.model.name_or_path),
+                training_config=OmegaConf.to_yaml(cfg, resolve=True),
+                metrics=result,
+            )
         keys = SUMMARY_KEYS[task.kind]
         write_report(out / "report.md", cfg, result, examples, source)
         _print_summary(result, keys, examples, out)
     return result
+
+
+def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split: str = "test") -> dict[str, float]:
+    """Score a saved adapter on ``split`` of the configured data, with the recipe's metrics."""
+    L.seed_everything(cfg.seed, verbose=False)
+    task = get_task(cfg.data.task)
+    splits, source = load_splits(cfg.data, task, cfg.seed)
+    if split == "test" and "test" not in splits:
+        raise ValueError(f"{source} has no test split; use --split validation.")
+    rank_zero_info(f"Data: {source}")
+    tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    dm = build_data(cfg, task, tokenizer, splits)
+    module = build_module(cfg, task)
+    q = quant_config_of(meta) if meta.get("quant") else None
+    quant = cfg.quant
+    plugin = QLoRAPlugin(
+        q.quant_type if q else quant.type,
+        q.double_quant if q else quant.double_quant,
+        quant.compute_dtype,
+        q.quant_storage if q else quant.quant_storage,
+        list(q.skip_modules if q else quant.skip_modules),
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        plugins=[plugin],
+        callbacks=[LoRAAdapters(gradient_checkpointing=False, load_from=adapter)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    run_split = trainer.test if split == "test" else trainer.validate
+    return _floats(run_split(module, dm, verbose=False)[0])
 
 
 def _answers(trainer: L.Trainer, module, tokenizer, task: Task, rows: list[dict], max_new_tokens: int) -> list[str]:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_qlora.data.formatting import Encoded, encode_pair, pack
+from lightning_qlora.data.sampler import ResumableLoader, ResumableSampler
 from lightning_qlora.metrics import IGNORE_INDEX
 
 Row = dict[str, Any]
@@ -106,24 +107,37 @@ class _TokenizedDataModule(L.LightningDataModule):
             rank_zero_info(f"Data: {split}: {len(out)} examples{note}")
             self.encoded[split] = out
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.encoded[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=self._collate,
-        )
+    def _loader(self, split: str, sampler: ResumableSampler | None = None) -> DataLoader:
+        if sampler is not None:
+            return ResumableLoader(
+                self.encoded[split], batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate
+            )
+        return DataLoader(self.encoded[split], batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        data = self.encoded["train"]
+        trainer = self.trainer
+        if trainer is None:
+            return self._loader("train", ResumableSampler(data, self.batch_size, self.seed))
+        # After a resume the loop counters are restored before this is called, so the
+        # sampler can start in the right epoch and skip the batches already trained on.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer.fit_loop.restarting else 0
+        sampler = ResumableSampler(
+            data,
+            self.batch_size,
+            self.seed,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            epoch=trainer.current_epoch,
+            skip_batches=done,
+        )
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.encoded else "validation", shuffle=False)
+        return self._loader("test" if "test" in self.encoded else "validation")
 
 
 class PromptAnswerDataModule(_TokenizedDataModule):

@@ -76,6 +76,8 @@ class CausalLMModule(L.LightningModule):
         optimizer: str = "adamw",
     ) -> None:
         super().__init__()
+        # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
+        self.strict_loading = False
         check_optim_args(optimizer, lr, weight_decay, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = model.train() if isinstance(model, nn.Module) else None

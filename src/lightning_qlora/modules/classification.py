@@ -43,6 +43,8 @@ class SequenceClassificationModule(L.LightningModule):
         optimizer: str = "adamw",
     ) -> None:
         super().__init__()
+        # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
+        self.strict_loading = False
         if num_labels < 2:
             raise ValueError(f"num_labels={num_labels} should be at least 2.")
         if label_names and len(label_names) != num_labels:

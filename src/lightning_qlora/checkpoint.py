@@ -1,0 +1,152 @@
+"""Adapter-only checkpoints: what trains goes in, the frozen base never does.
+
+A Lightning checkpoint of a QLoRA run would otherwise hold the whole packed base,
+which is both large and unloadable into a fresh, not yet quantized model (PL #19732).
+The plugin keeps only trainable tensors in ``checkpoint["state_dict"]`` and records
+which base, quantization and adapter config they belong to, so that a resume onto a
+different model or adapter fails with a clear message instead of a shape error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+META_KEY = "lightning_qlora"
+FORMAT_VERSION = 1
+# Config keys that do not change the weights' meaning (paths, dtypes, runtime flags).
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "name_or_path",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "quantization_config",
+    "_attn_implementation_autoset",
+    "architectures",
+}
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``module`` by their ``state_dict`` names, detached on CPU."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Identify a base model by its architecture and its (unquantized) input embeddings.
+
+    The config hash catches another architecture or size; the embedding checksum catches
+    another model of the same shape (say base versus instruct) without hashing all weights.
+    """
+    config = getattr(model, "config", None)
+    arch = {}
+    if config is not None:
+        arch = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    checksum = None
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        checksum = float(emb.weight.detach().double().abs().sum())
+    return {"model_type": getattr(config, "model_type", type(model).__name__), "config": digest, "embed": checksum}
+
+
+def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    """Raise ``ValueError`` when a checkpoint's base, quantization or adapter differs from this run's."""
+    if saved.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {saved.get('format')!r}, expected {FORMAT_VERSION}.")
+    missing = sorted(set(current["models"]) - set(saved["models"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} holds no adapter for {missing}; it comes from another module.")
+    for label, now in current["models"].items():
+        then = saved["models"][label]
+        a, b = then["base"], now["base"]
+        same_embed = a["embed"] is None or b["embed"] is None or abs(a["embed"] - b["embed"]) <= 1e-3 * abs(b["embed"])
+        if a["model_type"] != b["model_type"] or a["config"] != b["config"] or not same_embed:
+            raise ValueError(
+                f"checkpoint {path} was trained on another base model ({a['model_type']}, config {a['config']})"
+                f" than this run's {label or 'model'} ({b['model_type']}, config {b['config']}); resume with the"
+                " same model.name_or_path, or start a new run."
+            )
+        for part in ("adapter", "quant"):
+            if then[part] != now[part]:
+                diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
+                raise ValueError(
+                    f"checkpoint {path} was saved with another {part} config; differences (saved, now): {diff}."
+                    f" Use the {part} settings it was trained with, or start a new run."
+                )
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Copy ``state`` into the trainable parameters of ``module``, checking every name and shape."""
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model's adapters: {len(missing)} missing"
+            f" (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); it comes from another"
+            " adapter layout."
+        )
+    for name, param in params.items():
+        value = state[name]
+        if value.shape != param.shape:
+            raise ValueError(
+                f"checkpoint {path}: {name} has shape {tuple(value.shape)}, expected {tuple(param.shape)}."
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a lightning-qlora checkpoint safely (``weights_only=True``), or explain why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path, or use resume=last.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged zip or pickle
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {path} is truncated or corrupted ({first}); resume from an earlier checkpoint"
+            " or start a new run."
+        ) from err
+    if not isinstance(checkpoint, dict) or META_KEY not in checkpoint:
+        raise ValueError(
+            f"checkpoint {path} was not written by lightning-qlora (no {META_KEY!r} entry);"
+            " resume from a checkpoint of a QLoRAPlugin run."
+        )
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file in the same folder, then rename it.
+
+    A kill during the write leaves the previous file of that name intact, so ``last.ckpt``
+    is always a complete checkpoint.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO takes no storage_options, got {storage_options!r}.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
