@@ -13,24 +13,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ("medical", "legal", "classification")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    from lightning_qlora import load_tokenizer
-    from tests.conftest import tiny_llama_config
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer()
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        vocab_size=len(tokenizer), max_position_embeddings=512, initializer_range=0.02, pad_token_id=2
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _train(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(

@@ -1,0 +1,8 @@
+"""``python -m lightning_qlora``: merge, generate, evaluate, estimate."""
+
+import sys
+
+from lightning_qlora.cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""``python -m lightning_qlora merge|generate|evaluate|estimate``: the adapter's life after training.
+
+Bad input prints one ``error: ...`` line and exits 2; ``LIGHTNING_QLORA_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_qlora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge an adapter into its dequantized base; save a plain 16-bit model")
+    m.add_argument("--adapter", required=True, help="exported adapter directory (a run's adapter/)")
+    m.add_argument("--base", help="base model (default: the one recorded in the adapter)")
+    m.add_argument("--output", required=True, help="directory for the merged model")
+    m.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    m.add_argument("--force", action="store_true", help="replace a model already at --output")
+
+    g = sub.add_parser("generate", help="generate from a base plus adapter (quantized), or a merged model")
+    g.add_argument("--adapter", help="adapter directory; omit for a merged or plain model")
+    g.add_argument("--base", help="base or merged model (default: the adapter's base, else the embedded default)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="a text file with one prompt per line")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--system", help="system message for the chat template")
+
+    e = sub.add_parser("evaluate", help="score an adapter on a recipe's split with the recipe's metrics")
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--base", help="base model (default: the one recorded in the adapter)")
+    e.add_argument("--recipe", help="recipe name (default: the one the adapter was trained with)")
+    e.add_argument("--split", default="test", choices=("test", "validation"))
+    e.add_argument("--output", help="also write the metrics as JSON here")
+    e.add_argument("overrides", nargs="*", help="config overrides such as data.path=rows.jsonl")
+
+    sub.add_parser("estimate", help="predict a run's peak memory from the model config", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "estimate":
+            from lightning_qlora.cli.estimate import main as estimate_main
+
+            return estimate_main(argv[1:])
+        args = _parser().parse_args(argv)
+        if args.command == "merge":
+            from lightning_qlora.export import merge
+
+            out = merge(args.adapter, args.output, base=args.base, dtype=args.dtype, force=args.force)
+            print(f"merged model written to {out}")
+            return 0
+        if args.command == "generate":
+            return _generate(args)
+        return _evaluate(args)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        if os.environ.get("LIGHTNING_QLORA_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist; pass a text file with one prompt per line.")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given; pass --prompt TEXT or --prompts-file FILE.")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from lightning_qlora.adapters import load_adapters
+    from lightning_qlora.data.formatting import prompt_text
+    from lightning_qlora.export import load_base, read_metadata
+    from lightning_qlora.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} should be >= 1.")
+    prompts = _prompts(args)
+    if args.adapter:
+        meta = read_metadata(args.adapter)
+        base = args.base or meta.get("base_model") or DEFAULT_MODEL
+        model = load_base(base, meta)
+        load_adapters(model, args.adapter)
+    else:
+        base = args.base or DEFAULT_MODEL
+        model = load_model(base)
+    tokenizer = load_tokenizer(base)
+    model.eval()
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    for prompt in prompts:
+        print(f">>> {prompt}", flush=True)
+        text = prompt_text(tokenizer, prompt, args.system)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from lightning_qlora.export import read_metadata
+
+    meta = read_metadata(args.adapter)
+    if meta.get("training_config") and not args.recipe:
+        cfg = OmegaConf.create(meta["training_config"])
+    else:
+        if not args.recipe:
+            raise ValueError(f"adapter {args.adapter} does not record its training config; pass --recipe NAME.")
+        if not CONF_DIR.is_dir():
+            raise FileNotFoundError(f"config folder {CONF_DIR} not found; run from a lightning-qlora checkout.")
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"recipe={args.recipe}"])
+    OmegaConf.set_struct(cfg, True)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+    except Exception as err:  # omegaconf raises its own types for unknown keys
+        raise ValueError(f"bad override in {args.overrides}: {err}") from err
+    if args.base:
+        cfg.model.name_or_path = args.base
+    elif meta.get("base_model"):
+        cfg.model.name_or_path = meta["base_model"]
+
+    from lightning_qlora.cli.train import evaluate_adapter
+
+    metrics = evaluate_adapter(cfg, args.adapter, meta, args.split)
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0

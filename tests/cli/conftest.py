@@ -1,0 +1,22 @@
+"""A tiny random Llama saved with the default tokenizer, shared by the command-line tests."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora import load_tokenizer
+    from tests.conftest import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=len(tokenizer), max_position_embeddings=512, initializer_range=0.02, pad_token_id=2
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

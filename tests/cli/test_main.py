@@ -1,0 +1,69 @@
+"""`python -m lightning_qlora merge|generate|evaluate` on a run of the real entry point."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_qlora", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    overrides = [f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", "data.batch_size=2"]
+    overrides += ["sample_prompts=0", f"output_dir={out}"]
+    done = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr[-2000:]
+
+
+def test_evaluate_reproduces_the_runs_test_metrics(run_dir, tmp_path):
+    result = _cli("evaluate", "--adapter", str(run_dir / "adapter"), "--output", str(tmp_path / "m.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads((tmp_path / "m.json").read_text())
+    during = json.loads((run_dir / "metrics.json").read_text())["test"]
+    # A fresh base, quantized as in training, plus the saved adapter scores what the trained module scored.
+    assert ours["test_loss"] == pytest.approx(during["test_loss"], abs=1e-3)
+    assert ours["test_choice_acc"] == pytest.approx(during["test_choice_acc"])
+
+
+def test_merge_then_generate_from_merged_and_from_adapter(run_dir, tmp_path):
+    merged = tmp_path / "merged"
+    result = _cli("merge", "--adapter", str(run_dir / "adapter"), "--output", str(merged))
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = (merged / "README.md").read_text()
+    assert "val_loss" in card and "Training config" in card  # metrics and config from the run
+    assert (merged / "tokenizer.json").is_file()
+    _one_line_error(_cli("merge", "--adapter", str(run_dir / "adapter"), "--output", str(merged)), "--force")
+    _one_line_error(
+        _cli("merge", "--adapter", str(run_dir / "adapter"), "--base", str(merged), "--output", str(tmp_path / "m2")),
+        "already has an adapter merged",
+    )
+    for source in (("--base", str(merged)), ("--adapter", str(run_dir / "adapter"))):
+        result = _cli("generate", *source, "--prompt", "Is it raining?", "--max-new-tokens", "3")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith(">>> Is it raining?\n") and len(result.stdout.splitlines()) >= 2
+
+
+def test_bad_input_is_one_line(tmp_path):
+    _one_line_error(_cli("merge", "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "o")), "does not exist")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
+    _one_line_error(_cli("evaluate", "--adapter", str(tmp_path / "half")), "lacks adapter_model.safetensors")
+    _one_line_error(_cli("generate"), "no prompt given")
