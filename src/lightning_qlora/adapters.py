@@ -16,6 +16,7 @@ from lightning_qlora.quantize import head_names
 
 log = logging.getLogger(__name__)
 ALL_LINEAR = "all-linear"
+INITS = ("default", "loftq")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class AdapterConfig:
         modules_to_save: Modules trained fully and saved with the adapter, e.g. ``["score"]``
             for a classification head.
         gradient_checkpointing: Recompute activations in backward to save memory.
+        use_dora: DoRA (Liu et al. 2024): learn a per-output magnitude on top of the LoRA direction.
+        use_rslora: rank-stabilized LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        init: ``"default"`` (B = 0: the model starts as the quantized base) or ``"loftq"`` (the
+            adapters start at the rank-r SVD of the quantization error; 4-bit types only).
     """
 
     r: int = 16
@@ -39,8 +44,15 @@ class AdapterConfig:
     target_modules: str | tuple[str, ...] = ALL_LINEAR
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
     gradient_checkpointing: bool = True
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: str = "default"
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is unknown; use one of: {', '.join(INITS)}.")
+        if self.init == "loftq" and self.use_dora:
+            raise ValueError("init='loftq' with use_dora=True is not supported; choose one of them.")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r should be a positive integer, but got r={self.r!r}; try r=16.")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
@@ -203,6 +215,8 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None):
         modules_to_save=list(config.modules_to_save) or None,
         task_type=_task_type(model),
         bias="none",
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
     )
     _prepare_for_kbit_training(model, config.gradient_checkpointing)
     with warnings.catch_warnings():

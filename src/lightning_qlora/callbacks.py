@@ -32,6 +32,9 @@ class LoRAAdapters(Callback):
         modules_to_save: Modules to train fully and save with the adapter (e.g. ``["score"]``).
         gradient_checkpointing: Recompute activations in backward to save memory.
         export_dir: If set, the adapter is written there in PEFT format at the end of fit.
+        use_dora: DoRA: a learned per-output magnitude on top of the LoRA direction.
+        use_rslora: Rank-stabilized scaling ``alpha / sqrt(r)``.
+        init: ``"default"`` (B = 0) or ``"loftq"`` (start at the SVD of the quantization error).
         load_from: A saved PEFT adapter directory to start from (to evaluate it, or train on);
             its own config then replaces ``r``, ``alpha``, ``dropout`` and the targets.
     """
@@ -46,8 +49,21 @@ class LoRAAdapters(Callback):
         gradient_checkpointing: bool = True,
         export_dir: str | os.PathLike | None = None,
         load_from: str | os.PathLike | None = None,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
     ) -> None:
-        self.config = AdapterConfig(r, alpha, dropout, target_modules, tuple(modules_to_save), gradient_checkpointing)
+        self.config = AdapterConfig(
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            tuple(modules_to_save),
+            gradient_checkpointing,
+            use_dora,
+            use_rslora,
+            init,
+        )
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.load_from = str(check_adapter_dir(load_from)) if load_from is not None else None
 

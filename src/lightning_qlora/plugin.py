@@ -30,6 +30,7 @@ from lightning_qlora.checkpoint import (
     load_trainable_state,
     trainable_state,
 )
+from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -127,7 +128,9 @@ class QLoRAPlugin(MixedPrecision):
             label = name or type(model).__name__
             if label not in self._fingerprints:
                 self._fingerprints[label] = base_fingerprint(model)
-            report = quantize_model(model, self.quant_config, device, show_progress=show)
+            fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
+            loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
+            report = quantize_model(model, self.quant_config, device, show_progress=show, on_layer=loftq)
             self._set_precision(report.compute_dtype, report.device)
             if report.quantized:
                 self.quant_reports[label] = report
@@ -143,6 +146,9 @@ class QLoRAPlugin(MixedPrecision):
                 )
             else:
                 peft_model, adapter_report = add_adapters(model, self.adapter_config)
+                if loftq is not None:
+                    n = loftq.apply(model)
+                    rank_zero_info(f"QLoRAPlugin: {label}: LoftQ-initialized {n} adapters from the quantization error")
             self.peft_models[label] = peft_model
             self.adapter_reports[label] = adapter_report
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")

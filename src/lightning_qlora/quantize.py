@@ -7,7 +7,7 @@ the body and quantizing them costs the most quality (QLoRA paper, section 4).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +163,7 @@ def quantize_model(
     config: QuantConfig | None = None,
     device: torch.device | str | None = None,
     show_progress: bool = False,
+    on_layer: Callable[[str, torch.Tensor, nn.Module], None] | None = None,
 ) -> QuantReport:
     """Replace ``model``'s Linear layers, in place, with bitsandbytes quantized layers.
 
@@ -174,6 +175,8 @@ def quantize_model(
         config: Quantization settings; defaults to NF4 with double quantization.
         device: Where to quantize and keep the weights; defaults to where they are.
         show_progress: Show a progress bar over the layers.
+        on_layer: Called as ``on_layer(name, original_weight, quantized_layer)`` for each layer,
+            while the original weight still exists (LoftQ initialization uses it).
 
     Returns:
         A :class:`QuantReport` with the layer counts and weight bytes before and after.
@@ -244,6 +247,8 @@ def quantize_model(
             )
         report.bytes_before += weight.numel() * weight.element_size()
         new = _make_quantized(bnb, linear, config, compute_dtype, device)
+        if on_layer is not None:
+            on_layer(name, weight.data, new)
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
         report.quantized.append(name)

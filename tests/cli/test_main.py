@@ -62,7 +62,8 @@ def test_merge_then_generate_from_merged_and_from_adapter(run_dir, tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
-    _one_line_error(_cli("merge", "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "o")), "does not exist")
+    missing = _cli("merge", "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "o"))
+    _one_line_error(missing, "does not exist")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "adapter_config.json").write_text("{}")
     _one_line_error(_cli("evaluate", "--adapter", str(tmp_path / "half")), "lacks adapter_model.safetensors")

@@ -174,6 +174,9 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
         list(a.modules_to_save),
         a.gradient_checkpointing,
         export_dir=out / "adapter",
+        use_dora=a.use_dora,
+        use_rslora=a.use_rslora,
+        init=a.init,
     )
     # Adapter-only checkpoints (QLoRAPlugin drops the frozen base), written atomically.
     checkpoints = ModelCheckpoint(
