@@ -22,11 +22,14 @@ warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from lightning_qlora.cli.train import run
+    from lightning_qlora.cli.train import Preempted, run
 
     try:
         # In a sweep (-m), each job gets its own subdirectory of output_dir.
         run(cfg, out=HydraConfig.get().runtime.output_dir)
+    except Preempted as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as schedulers expect of a terminated job
     except (ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("LIGHTNING_QLORA_DEBUG"):
             raise

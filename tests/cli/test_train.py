@@ -177,3 +177,33 @@ def test_resume_without_or_with_a_broken_checkpoint(tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     _one_line_error(_train(f"output_dir={tmp_path / 'o2'}", f"resume={broken}"), "is truncated or corrupted")
     assert broken.read_bytes() == b"PK\x03\x04 not really a zip"
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ("recipe=medical", f"model.name_or_path={tiny_model_dir}", "data.batch_size=2", "sample_prompts=0")
+    args += ("trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=5", f"output_dir={out}")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "error: received SIGTERM; saved" in stderr and "resume=last" in stderr
+    step = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    # The guard saved at the step boundary where the signal was handled, and says so.
+    assert f"SIGTERM: saved {out / 'checkpoints' / 'last.ckpt'} at step {step};" in stderr
+    assert f"at step {step}. Continue with" in stderr

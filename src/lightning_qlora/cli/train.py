@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +29,7 @@ from lightning_qlora.data import (
     read_rows,
 )
 from lightning_qlora.export import quant_config_of, update_metadata
+from lightning_qlora.faults import FaultGuard
 from lightning_qlora.generation import generate
 from lightning_qlora.models import load_tokenizer
 from lightning_qlora.modules import CausalLMModule, SequenceClassificationModule
@@ -39,6 +41,10 @@ SUMMARY_KEYS = {
     "generate": ("val_loss", "val_ppl", "val_token_acc", "val_choice_acc"),
     "classify": ("val_loss", "val_acc", "val_macro_f1"),
 }
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM (preemption); the message says what was saved."""
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
@@ -198,7 +204,7 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
         # A run shorter than the logging interval would otherwise log no training loss at all.
         log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),
         plugins=[plugin, AtomicCheckpointIO()],
-        callbacks=[adapters, checkpoints],
+        callbacks=[adapters, checkpoints, FaultGuard(out / "checkpoints", t.max_skipped_steps)],
         logger=build_logger(cfg, out, log_version),
         # Lightning's summary counts packed 4-bit bytes as parameters; the plugin logs true counts.
         enable_model_summary=False,
@@ -225,6 +231,29 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     config_file = out / (f"config_{log_version}.yaml" if log_version else "config.yaml")
     config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
+    try:
+        return _run_stages(cfg, out, ckpt, task, splits, source, tokenizer, dm, module, trainer)
+    except SIGTERMException as err:  # a SystemExit(0) subclass: without this the job would look successful
+        last = out / "checkpoints" / "last.ckpt"
+        saved = f"saved {last} at step {trainer.global_step}" if last.is_file() else "no checkpoint was saved"
+        raise Preempted(
+            f"received SIGTERM; {saved}. Continue with: python train.py <same overrides> output_dir={out} resume=last"
+        ) from err
+
+
+def _run_stages(
+    cfg: DictConfig,
+    out: Path,
+    ckpt: Path | None,
+    task: Task,
+    splits: dict[str, list[dict]],
+    source: str,
+    tokenizer,
+    dm: L.LightningDataModule,
+    module: L.LightningModule,
+    trainer: L.Trainer,
+) -> dict[str, Any]:
+    """Validate (before), fit, validate and test (after), then write the report."""
     samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
     before = trainer.validate(module, dm, verbose=False)[0]
     confusion_before = getattr(module, "confusion", {}).get("val")
