@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,28 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> Non
                 f" than this run's {label or 'model'} ({b['model_type']}, config {b['config']}); resume with the"
                 " same model.name_or_path, or start a new run."
             )
-        for part in ("adapter", "quant"):
-            if then[part] != now[part]:
-                diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
-                raise ValueError(
-                    f"checkpoint {path} was saved with another {part} config; differences (saved, now): {diff}."
-                    f" Use the {part} settings it was trained with, or start a new run."
-                )
+        check_configs(then, now, path)
+
+
+def check_configs(then: dict[str, Any], now: dict[str, Any], path: str) -> None:
+    """Raise ``ValueError`` when the saved adapter or quant config differs from this run's."""
+    for part in ("adapter", "quant"):
+        if then[part] != now[part]:
+            diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
+            raise ValueError(
+                f"checkpoint {path} was saved with another {part} config; differences (saved, now): {diff}."
+                f" Use the {part} settings it was trained with, or start a new run."
+            )
+
+
+def plain_config(config: Any) -> dict[str, Any]:
+    """A config dataclass as checkpoints store it (``weights_only`` loads no dtypes or tuples)."""
+    out = {}
+    for key, value in asdict(config).items():
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Generator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from lightning_qlora.checkpoint import (
     base_fingerprint,
     check_meta,
     load_trainable_state,
+    plain_config,
     trainable_state,
 )
 from lightning_qlora.loftq import LoftQInit
@@ -201,8 +201,7 @@ class QLoRAPlugin(MixedPrecision):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: base, quantization and adapter per model."""
-        quant = {k: _plain(v) for k, v in asdict(self.quant_config).items()}
-        adapter = {k: _plain(v) for k, v in asdict(self.adapter_config).items()}
+        quant, adapter = plain_config(self.quant_config), plain_config(self.adapter_config)
         models = {
             label: {"base": self._fingerprints[label], "quant": quant, "adapter": adapter} for label in self.peft_models
         }
@@ -246,13 +245,6 @@ class QLoRAPlugin(MixedPrecision):
         if self.scaler is not None and "scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["scaler"])
         self._pending_rng = state_dict.get("rng")
-
-
-def _plain(value: Any) -> Any:
-    """A config value as checkpoints store it (``weights_only`` loads no dtypes or tuples)."""
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _get_rng_states() -> dict[str, Any]:

@@ -161,6 +161,10 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny_model_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     step = torch.load(last, weights_only=True)["global_step"]
     assert step < 12
+    # Resuming with another adapter config is refused before any model loads, and touches nothing.
+    before = last.read_bytes()
+    _one_line_error(_train(*common, "adapter.r=8", f"output_dir={part}", "resume=last"), "another adapter config")
+    assert last.read_bytes() == before
     second = _train(*common, f"output_dir={part}", "resume=last")
     assert second.returncode == 0, second.stderr[-3000:]
     assert (part / "logs" / "resumed_1" / "metrics.csv").is_file() and (part / "config_resumed_1.yaml").is_file()
@@ -207,3 +211,9 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_model_dir, tmp
     # The guard saved at the step boundary where the signal was handled, and says so.
     assert f"SIGTERM: saved {out / 'checkpoints' / 'last.ckpt'} at step {step};" in stderr
     assert f"at step {step}. Continue with" in stderr
+
+
+def test_config_problems_fail_fast_in_one_line(tmp_path):
+    result = _train("adapter.r=0", "trainer.lr=-1", f"output_dir={tmp_path / 'o'}")
+    _one_line_error(result, "error: config has 2 problems: adapter.r=0 should be a positive integer")
+    assert "trainer.lr=-1 should be a positive number" in result.stderr

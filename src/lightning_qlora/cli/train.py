@@ -17,8 +17,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_qlora.adapters import AdapterConfig
 from lightning_qlora.callbacks import LoRAAdapters
-from lightning_qlora.checkpoint import AtomicCheckpointIO, read_checkpoint
+from lightning_qlora.checkpoint import META_KEY, AtomicCheckpointIO, check_configs, plain_config, read_checkpoint
+from lightning_qlora.cli.schema import validate_config
 from lightning_qlora.data import (
     PromptAnswerDataModule,
     Task,
@@ -47,7 +49,7 @@ class Preempted(RuntimeError):
     """Training stopped on SIGTERM (preemption); the message says what was saved."""
 
 
-def resolve_resume(resume: str | None, out: Path) -> Path | None:
+def resolve_resume(resume: str | None, out: Path, plugin: QLoRAPlugin | None = None) -> Path | None:
     """The checkpoint to resume from: ``None``, ``"last"`` (this output_dir's) or a path; checked here."""
     if resume in (None, ""):
         return None
@@ -60,7 +62,13 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
             )
     else:
         path = Path(str(resume))
-    read_checkpoint(path)  # a missing, truncated or foreign file fails here, before any model loads
+    # A missing, truncated or foreign file, or another adapter/quant config, fails here,
+    # before any model loads; the base model itself is checked once it is loaded.
+    saved = read_checkpoint(path)[META_KEY]
+    if plugin is not None:
+        now = {"quant": plain_config(plugin.quant_config), "adapter": plain_config(plugin.adapter_config)}
+        for then in saved["models"].values():
+            check_configs(then, now, str(path))
     return path
 
 
@@ -168,9 +176,27 @@ def build_module(cfg: DictConfig, task: Task) -> L.LightningModule:
     return CausalLMModule(cfg.model.name_or_path, **optim)
 
 
+def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
+    """The precision plugin for ``cfg``, holding the adapter spec too (for checks before loading)."""
+    q, a = cfg.quant, cfg.adapter
+    targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
+    adapters = AdapterConfig(
+        a.r,
+        a.alpha,
+        a.dropout,
+        targets,
+        tuple(a.modules_to_save),
+        a.gradient_checkpointing,
+        a.use_dora,
+        a.use_rslora,
+        a.init,
+    )
+    return QLoRAPlugin(q.type, q.double_quant, q.compute_dtype, q.quant_storage, list(q.skip_modules), adapters)
+
+
 def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Trainer:
-    t, q, a = cfg.trainer, cfg.quant, cfg.adapter
-    plugin = QLoRAPlugin(q.type, q.double_quant, q.compute_dtype, q.quant_storage, list(q.skip_modules))
+    t, a = cfg.trainer, cfg.adapter
+    plugin = build_plugin(cfg)
     targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
     adapters = LoRAAdapters(
         a.r,
@@ -215,8 +241,9 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
 
 def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run one fine-tune as configured; returns the metrics before and after training."""
+    validate_config(cfg)
     out = Path(out or cfg.output_dir)
-    ckpt = resolve_resume(cfg.get("resume"), out)
+    ckpt = resolve_resume(cfg.get("resume"), out, build_plugin(cfg))
     check_output_dir(out, cfg.overwrite, resuming=ckpt is not None and str(cfg.resume) == "last")
     L.seed_everything(cfg.seed, verbose=False)
     task = get_task(cfg.data.task)
