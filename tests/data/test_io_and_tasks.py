@@ -62,3 +62,54 @@ def test_shipped_sample_fits_its_schema(recipe):
         rows = read_rows(f"recipes/{recipe}/data/{split}.jsonl")
         assert len(rows) >= minimum
         task.validate(rows, split)
+
+
+def test_every_bad_jsonl_line_is_counted(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"text": "fine", "label": 0})
+    path.write_bytes(
+        "\n".join([good, '{"text": "cut', good, "[1, 2]", good, '{"text": oops}']).encode() + b"\n\xff\xfe broken\n"
+    )
+    with pytest.raises(ValueError) as err:
+        read_rows(path)
+    message = str(err.value)
+    assert "4 bad lines of 7" in message and "\n" not in message
+    assert "2 malformed (lines 2, 6)" in message and "1 not an object (lines 4)" in message
+    assert "1 not UTF-8 (lines 7)" in message and "re-save as UTF-8" in message
+
+
+def test_undecodable_csv_names_the_byte(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"text,label\ncaf\xe9,1\n")
+    with pytest.raises(ValueError, match=r"not UTF-8 text at byte 14; re-save the file as UTF-8"):
+        read_rows(path)
+
+
+def _news(n: int, empty: set[int] = frozenset()) -> list[dict]:
+    return [{"text": "" if i in empty else f"item {i}", "label": i % 4} for i in range(n)]
+
+
+def test_a_few_empty_texts_are_dropped_and_counted(caplog):
+    kept = get_task("ag_news").validate(_news(20, empty={3, 7}), "train")
+    assert len(kept) == 18 and all(r["text"] for r in kept)
+    assert "dropped 2 of 20 rows with an empty required field (rows 3, 7)" in caplog.text
+
+
+def test_mostly_empty_texts_are_an_error_not_a_silent_drop():
+    with pytest.raises(ValueError, match=r"train: 5 of 20 rows have an empty required field.*nothing was dropped"):
+        get_task("ag_news").validate(_news(20, empty={0, 1, 2, 3, 4}), "train")
+
+
+def test_duplicated_ids_are_counted(caplog):
+    row = {"question": "q?", "context": {"contexts": ["c"]}, "long_answer": "a", "final_decision": "yes"}
+    rows = [{**row, "pubid": i % 3} for i in range(5)]
+    assert get_task("pubmedqa").validate(rows, "train") == rows
+    assert "train: 2 rows repeat an earlier pubid (e.g. 0)" in caplog.text
+
+
+def test_label_column_of_the_wrong_type():
+    rows = [{"text": "a", "label": "Sports"}]
+    with pytest.raises(ValueError, match=r"train row 0: label='Sports' is a str; the label column must hold integer"):
+        get_task("ag_news").validate(rows, "train")
+    with pytest.raises(ValueError, match=r"label=1.0 is a float"):
+        get_task("ag_news").validate([{"text": "a", "label": 1.0}], "train")

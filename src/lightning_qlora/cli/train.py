@@ -93,18 +93,18 @@ def load_splits(data: DictConfig, task: Task, seed: int) -> tuple[dict[str, list
         files = {s: folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
         splits = {s: read_rows(f) for s, f in files.items()}
         for split, rows in splits.items():
-            task.validate(rows, str(files[split]))
+            splits[split] = task.validate(rows, str(files[split]))
         return splits, f"the shipped sample of {data.dataset} in {folder} (offline; set data.path for the full set)"
     path = str(data.path)
     if looks_like_hub_id(path):
         splits = read_hub_splits(path, data.get("hub_config"))
         source = f"hub dataset {path}"
         for split, rows in splits.items():
-            task.validate(rows, f"{path} {split}")
+            splits[split] = task.validate(rows, f"{path} {split}")
     else:
         splits = {"train": read_rows(path)}
         source = f"{path}"
-        task.validate(splits["train"], path)
+        splits["train"] = task.validate(splits["train"], path)
     if "validation" not in splits:
         splits = _hold_out(splits, data.val_fraction, seed, source)
         source += f" ({data.val_fraction:.0%} of train held out for validation by seed {seed})"

@@ -28,8 +28,11 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     elif suffix == ".json":
         rows = _read_json(path)
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text at byte {err.start}; re-save the file as UTF-8.") from err
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -42,24 +45,51 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """Rows of a jsonl file; every bad line is counted and the first few named, never skipped silently."""
+    rows, bad = [], {"malformed": [], "not UTF-8": [], "not an object": []}
+    first_error = ""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad["not UTF-8"].append(number)
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: malformed JSON ({err.msg}); fix or delete that line.") from err
+                bad["malformed"].append(number)
+                first_error = first_error or err.msg
+                continue
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
+                bad["not an object"].append(number)
+                continue
             rows.append(row)
+    problems = {kind: lines for kind, lines in bad.items() if lines}
+    if problems:
+        total = sum(len(v) for v in problems.values())
+        if total == 1:
+            (kind, (number,)), *_ = problems.items()
+            detail = f" ({first_error})" if kind == "malformed" else ""
+            raise ValueError(f"{path}:{number}: {kind} JSON line{detail}; fix or delete that line.")
+        parts = [
+            f"{len(v)} {k} (lines {', '.join(map(str, v[:5]))}{', ...' if len(v) > 5 else ''})"
+            for k, v in problems.items()
+        ]
+        raise ValueError(
+            f"{path}: {total} bad lines of {total + len(rows)}: {'; '.join(parts)}; fix or delete them"
+            " (re-save as UTF-8 for encoding errors)."
+        )
     return rows
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text at byte {err.start}; re-save the file as UTF-8.") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno} ({err.msg}).") from err
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

@@ -6,11 +6,14 @@ missing field instead of deep inside tokenization.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger(__name__)
 Row = dict[str, Any]
+MAX_EMPTY_FRACTION = 0.1  # more empty rows than this means a wrong column, not a few bad rows
 
 
 @dataclass(frozen=True)
@@ -32,22 +35,64 @@ class Task:
     kind: str = "generate"
     label_names: tuple[str, ...] = ()
     choice_scoring: str = "first_token"  # or "sequence": mean log-likelihood of each whole option
+    id_field: str | None = None  # the dataset's row id, checked for duplicates
 
-    def validate(self, rows: list[Row], split: str) -> None:
-        """Raise ``ValueError`` naming the first row and field that don't fit the schema."""
+    def validate(self, rows: list[Row], split: str) -> list[Row]:
+        """The rows that fit the schema; raise ``ValueError`` naming the first row and field that don't.
+
+        Rows whose required text is empty are dropped with a warning that counts them, up to
+        ``MAX_EMPTY_FRACTION`` of the split; more than that is an error, never a silent loss.
+        Duplicated ids are counted in a warning.
+        """
+        empty: list[int] = []
         for index, row in enumerate(rows):
             for field in self.required:
                 value = _get(row, field)
-                if value is None or value == "":
+                if value is None:
                     raise ValueError(
                         f"{split} row {index}: missing field {field!r} required by the {self.name} format"
                         f" ({self.dataset}); fix the row or point data.path at a file in that schema."
                     )
-            if self.label is not None:
-                try:
-                    self.label(row)
-                except (KeyError, ValueError, TypeError) as err:
-                    raise ValueError(f"{split} row {index}: {err}") from err
+                if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+                    empty.append(index)
+                    break
+            else:
+                if self.label is not None:
+                    try:
+                        self.label(row)
+                    except (KeyError, ValueError, TypeError) as err:
+                        raise ValueError(f"{split} row {index}: {err}") from err
+        _warn_duplicates(rows, self.id_field, split)
+        if not empty:
+            return rows
+        where = f"rows {', '.join(map(str, empty[:5]))}{', ...' if len(empty) > 5 else ''}"
+        if len(empty) > MAX_EMPTY_FRACTION * len(rows):
+            raise ValueError(
+                f"{split}: {len(empty)} of {len(rows)} rows have an empty required field ({where}); that is most"
+                f" of the data, so nothing was dropped: check the file's columns against the {self.name} format."
+            )
+        log.warning("%s: dropped %d of %d rows with an empty required field (%s).", split, len(empty), len(rows), where)
+        skip = set(empty)
+        return [row for i, row in enumerate(rows) if i not in skip]
+
+
+def _warn_duplicates(rows: list[Row], id_field: str | None, split: str) -> None:
+    if id_field is None or not rows or id_field not in rows[0]:
+        return
+    seen: dict[Any, int] = {}
+    for row in rows:
+        key = row.get(id_field)
+        seen[key] = seen.get(key, 0) + 1
+    dups = [k for k, n in seen.items() if n > 1]
+    if dups:
+        extra = sum(seen[k] - 1 for k in dups)
+        log.warning(
+            "%s: %d rows repeat an earlier %s (e.g. %r); they are kept, deduplicate the file if unintended.",
+            split,
+            extra,
+            id_field,
+            dups[0],
+        )
 
 
 def _get(row: Row, dotted: str) -> Any:
@@ -90,6 +135,7 @@ PUBMEDQA = Task(
     to_pair=_pubmedqa_pair,
     choices=lambda row: [o.capitalize() for o in PUBMEDQA_OPTIONS],
     label=_pubmedqa_label,
+    id_field="pubid",
 )
 
 
@@ -116,6 +162,7 @@ CASEHOLD = Task(
     choices=lambda row: [str(row[f"holding_{i}"]) for i in range(5)],
     label=_casehold_label,
     choice_scoring="sequence",
+    id_field="example_id",
 )
 
 
@@ -125,10 +172,15 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
 def _ag_news_label(row: Row) -> int:
     label = row["label"]
+    names = ", ".join(f"{i}={n}" for i, n in enumerate(AG_NEWS_LABELS))
     if isinstance(label, str) and label.strip().lstrip("-").isdigit():
         label = int(label)  # csv cells are strings
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(AG_NEWS_LABELS):
-        names = ", ".join(f"{i}={n}" for i, n in enumerate(AG_NEWS_LABELS))
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise TypeError(
+            f"label={row['label']!r} is a {type(row['label']).__name__}; the label column must hold integer"
+            f" class ids ({names})."
+        )
+    if not 0 <= label < len(AG_NEWS_LABELS):
         raise ValueError(f"label={row['label']!r} is outside the label set ({names}).")
     return label
 
