@@ -217,3 +217,15 @@ def test_config_problems_fail_fast_in_one_line(tmp_path):
     result = _train("adapter.r=0", "trainer.lr=-1", f"output_dir={tmp_path / 'o'}")
     _one_line_error(result, "error: config has 2 problems: adapter.r=0 should be a positive integer")
     assert "trainer.lr=-1 should be a positive number" in result.stderr
+
+
+def test_no_secret_reaches_the_output_dir(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    secret = "wandb-key-0123456789abcdef0123456789abcdef01234567"
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "WANDB_SILENT": "true", "HF_TOKEN": secret}
+    result = _train("logger=wandb", *_tiny(tiny_model_dir, out, "sample_prompts=0"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
+    assert secret not in result.stdout + result.stderr
+    assert "trust_remote_code: false" in (out / "config.yaml").read_text()  # off unless the user sets it
