@@ -53,3 +53,11 @@ def test_incompatible_combinations():
     assert "adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one" in config_problems(
         _cfg("adapter.init=loftq", "adapter.use_dora=true")
     )
+
+
+def test_more_cpu_processes_than_cores():
+    import os
+
+    cores = os.cpu_count()
+    problems = config_problems(_cfg(f"trainer.devices={cores + 1}"))
+    assert problems == [f"trainer.devices={cores + 1} CPU processes is more than this machine's {cores} cores"]

@@ -229,3 +229,13 @@ def test_no_secret_reaches_the_output_dir(tiny_model_dir, tmp_path):
     assert leaked == []
     assert secret not in result.stdout + result.stderr
     assert "trust_remote_code: false" in (out / "config.yaml").read_text()  # off unless the user sets it
+
+
+def test_gpus_that_do_not_exist_fail_before_weights_load(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the case is a machine without one")
+    result = _train("trainer=ddp", "trainer.devices=2", f"output_dir={tmp_path / 'o'}")
+    _one_line_error(result, "error: trainer: ")
+    assert "Fix trainer.accelerator / trainer.devices" in result.stderr

@@ -7,6 +7,7 @@ fails once, in a second, with all three named, instead of three times after load
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,8 @@ RULES: tuple[Rule, ...] = (
     ("trainer.optimizer", _one_of("adamw", "paged_adamw_8bit"), "one of adamw, paged_adamw_8bit"),
     ("trainer.gradient_clip_val", lambda v: v is None or _num(0)(v), "a number >= 0, or null"),
     ("trainer.devices", lambda v: v == "auto" or _int(1)(v), "an integer >= 1, or auto"),
+    ("trainer.num_nodes", _int(1), "an integer >= 1"),
+    ("trainer.strategy", _one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"), "auto or ddp"),
     ("data.batch_size", _int(1), "an integer >= 1"),
     ("data.max_length", _int(16), "an integer >= 16 (tokens)"),
     ("data.val_fraction", _num(0, strict=True, high=1), "in (0, 1), e.g. 0.2"),
@@ -91,6 +94,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append("adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one")
     if get("trainer.accelerator") == "cpu" and get("trainer.optimizer") == "paged_adamw_8bit":
         problems.append("trainer.optimizer=paged_adamw_8bit needs a GPU; use adamw on CPU")
+    devices, cores = get("trainer.devices"), os.cpu_count() or 1
+    if get("trainer.accelerator") == "cpu" and isinstance(devices, int) and devices > cores:
+        problems.append(f"trainer.devices={devices} CPU processes is more than this machine's {cores} cores")
     strategy = get("trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith("fsdp") and get("quant.quant_storage") == "uint8":
         problems.append("FSDP can only shard float storage: set quant.quant_storage=bf16 with trainer.strategy=fsdp")

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,10 +50,18 @@ class Preempted(RuntimeError):
 
 
 def resolve_resume(resume: str | None, out: Path, plugin: QLoRAPlugin | None = None) -> Path | None:
-    """The checkpoint to resume from: ``None``, ``"last"`` (this output_dir's) or a path; checked here."""
+    """The checkpoint to resume from, checked here: ``None``; ``"last"`` or ``"auto"`` (this output_dir's
+    newest checkpoint; ``auto`` starts fresh when there is none, for requeued cluster jobs); or a path.
+    """
     if resume in (None, ""):
         return None
-    if str(resume) == "last":
+    if str(resume) == "auto":
+        found = [out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")]  # ours, and SLURM requeue's
+        found = [p for p in found if p.is_file()]
+        if not found:
+            return None
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    elif str(resume) == "last":
         path = out / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise FileNotFoundError(
@@ -219,24 +227,29 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
         save_last=True,
         save_on_train_epoch_end=False,
     )
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None if t.val_check_interval else 1,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        # A run shorter than the logging interval would otherwise log no training loss at all.
-        log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),
-        plugins=[plugin, AtomicCheckpointIO()],
-        callbacks=[adapters, checkpoints, FaultGuard(out / "checkpoints", t.max_skipped_steps)],
-        logger=build_logger(cfg, out, log_version),
-        # Lightning's summary counts packed 4-bit bytes as parameters; the plugin logs true counts.
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            max_steps=t.max_steps,
+            val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=None if t.val_check_interval else 1,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.gradient_clip_val,
+            # A run shorter than the logging interval would otherwise log no training loss at all.
+            log_every_n_steps=max(1, min(t.log_every_n_steps, t.max_steps)),
+            plugins=[plugin, AtomicCheckpointIO()],
+            callbacks=[adapters, checkpoints, FaultGuard(out / "checkpoints", t.max_skipped_steps)],
+            logger=build_logger(cfg, out, log_version),
+            # Lightning's summary counts packed 4-bit bytes as parameters; the plugin logs true counts.
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=out,
+        )
+    except MisconfigurationException as err:  # e.g. more GPUs than this machine has
+        raise ValueError(f"trainer: {err} Fix trainer.accelerator / trainer.devices (or use trainer=cpu).") from err
 
 
 def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -244,7 +257,7 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     validate_config(cfg)
     out = Path(out or cfg.output_dir)
     ckpt = resolve_resume(cfg.get("resume"), out, build_plugin(cfg))
-    check_output_dir(out, cfg.overwrite, resuming=ckpt is not None and str(cfg.resume) == "last")
+    check_output_dir(out, cfg.overwrite, resuming=str(cfg.get("resume")) in ("last", "auto"))
     L.seed_everything(cfg.seed, verbose=False)
     task = get_task(cfg.data.task)
     splits, source = load_splits(cfg.data, task, cfg.seed)
