@@ -119,12 +119,24 @@ def load_model(
     task: str = "causal-lm",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    low_memory: bool = False,
+    quant_config=None,
+    device: torch.device | str | None = None,
     **kwargs,
 ):
     """Load a transformers model for ``task`` (``"causal-lm"`` or ``"sequence-classification"``).
 
-    Weights load in ``dtype`` on CPU; QLoRAPlugin quantizes and places them at setup.
+    Weights load in ``dtype`` on CPU; QLoRAPlugin quantizes and places them at setup. With
+    ``low_memory``, Linear layers are quantized (per ``quant_config``, onto ``device``) as they
+    are read instead, so the 16/32-bit model is never in memory at once.
     """
+    if low_memory:
+        if quant_config is None:
+            raise ValueError("low_memory=True quantizes while loading and needs QLoRAPlugin's quant config.")
+        from lightning_qlora.lowmem import load_quantized
+
+        kwargs.pop("num_labels", None) if task == "causal-lm" else None
+        return load_quantized(name_or_path, quant_config, task, device, trust_remote_code, **kwargs)[0]
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     classes = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
@@ -135,3 +147,18 @@ def load_model(
         return classes[task].from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise _load_error(str(name_or_path), err) from err
+
+
+def low_memory_args(module) -> dict:
+    """``load_model`` arguments for a LightningModule built with ``low_memory=True``.
+
+    The quant config and device come from the Trainer's QLoRAPlugin and strategy, so
+    each DDP rank quantizes straight onto its own device.
+    """
+    if not module.hparams.get("low_memory"):
+        return {}
+    trainer = module.trainer
+    quant_config = getattr(trainer.precision_plugin, "quant_config", None)
+    if quant_config is None:
+        raise ValueError("low_memory=True needs Trainer(plugins=[QLoRAPlugin()]); it quantizes while loading.")
+    return {"low_memory": True, "quant_config": quant_config, "device": trainer.strategy.root_device}

@@ -131,6 +131,11 @@ class QLoRAPlugin(MixedPrecision):
             fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
             loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
             report = quantize_model(model, self.quant_config, device, show_progress=show, on_layer=loftq)
+            if loftq is not None and not report.quantized:
+                raise ValueError(
+                    "adapter init='loftq' needs the unquantized weights, but the model came already quantized"
+                    " (e.g. low_memory=True); load it unquantized, or use init='default'."
+                )
             self._set_precision(report.compute_dtype, report.device)
             if report.quantized:
                 self.quant_reports[label] = report

@@ -158,6 +158,35 @@ def _under(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def select_linears(model: nn.Module, config: QuantConfig) -> tuple[list[tuple[str, nn.Linear]], list[str], list[str]]:
+    """The Linear layers :func:`quantize_model` would quantize, those kept (heads, skips), and those already done."""
+    done_types = quantized_linear_types()
+    skip = head_names(model, config.skip_modules)
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in config.skip_modules:
+        if not any(n == entry or n.startswith(entry + ".") or n.rsplit(".", 1)[-1] == entry for n in names):
+            raise ValueError(
+                f"skip_modules entry {entry!r} matches no module of {type(model).__name__};"
+                " give a module name (e.g. 'lm_head') or a prefix (e.g. 'model.layers.0')."
+            )
+    targets: list[tuple[str, nn.Linear]] = []
+    skipped, already = [], []
+    # LoRA's own A/B matrices are nn.Linear too: never quantize inside an adapter layer.
+    tuner_layers = {n for n, m in model.named_modules() if n and _is_tuner_layer(m)}
+    for name, module in model.named_modules():
+        if _under(name, tuner_layers) and name not in tuner_layers:
+            if isinstance(module, done_types) and name.endswith(".base_layer"):
+                already.append(name)
+            continue
+        if isinstance(module, done_types):
+            already.append(name)
+        elif isinstance(module, nn.Linear) and _under(name, skip):
+            skipped.append(name)
+        elif isinstance(module, nn.Linear):
+            targets.append((name, module))
+    return targets, skipped, already
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantConfig | None = None,
@@ -187,34 +216,11 @@ def quantize_model(
     """
     config = config or QuantConfig()
     bnb = require_bitsandbytes()
-    done_types = quantized_linear_types()
-    skip = head_names(model, config.skip_modules)
-    names = [n for n, _ in model.named_modules() if n]
-    for entry in config.skip_modules:
-        if not any(n == entry or n.startswith(entry + ".") or n.rsplit(".", 1)[-1] == entry for n in names):
-            raise ValueError(
-                f"skip_modules entry {entry!r} matches no module of {type(model).__name__};"
-                " give a module name (e.g. 'lm_head') or a prefix (e.g. 'model.layers.0')."
-            )
-
-    targets: list[tuple[str, nn.Linear]] = []
-    report_skipped, already = [], []
-    # LoRA's own A/B matrices are nn.Linear too: never quantize inside an adapter layer.
-    tuner_layers = {n for n, m in model.named_modules() if n and _is_tuner_layer(m)}
-    for name, module in model.named_modules():
-        if _under(name, tuner_layers) and name not in tuner_layers:
-            if isinstance(module, done_types) and name.endswith(".base_layer"):
-                already.append(name)
-            continue
-        if isinstance(module, done_types):
-            already.append(name)
-        elif isinstance(module, nn.Linear) and _under(name, skip):
-            report_skipped.append(name)
-        elif isinstance(module, nn.Linear):
-            targets.append((name, module))
+    targets, report_skipped, already = select_linears(model, config)
     if not targets and not already:
+        heads = sorted(head_names(model, config.skip_modules)) or "none"
         raise TypeError(
-            f"{type(model).__name__} has no nn.Linear layer to quantize (kept as heads: {sorted(skip) or 'none'})."
+            f"{type(model).__name__} has no nn.Linear layer to quantize (kept as heads: {heads})."
             " QLoRA replaces nn.Linear layers only; models built from other layer types (e.g. transformers'"
             " Conv1D in GPT-2) need a model whose projections are nn.Linear."
         )

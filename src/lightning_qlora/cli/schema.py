@@ -42,6 +42,7 @@ RULES: tuple[Rule, ...] = (
     ("seed", _int(0), "an integer >= 0"),
     ("overwrite", _bool, "true or false"),
     ("model.trust_remote_code", _bool, "true or false (false unless you trust the model's code)"),
+    ("model.low_memory", _bool, "true or false"),
     ("quant.type", _one_of("nf4", "fp4", "int8"), "one of nf4, fp4, int8"),
     ("quant.double_quant", _bool, "true or false"),
     ("quant.compute_dtype", _one_of("auto", "bf16", "fp16", "fp32"), "one of auto, bf16, fp16, fp32"),
@@ -92,6 +93,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append("adapter.init=loftq needs a 4-bit quant.type (nf4 or fp4)")
     if get("adapter.init") == "loftq" and get("adapter.use_dora") is True:
         problems.append("adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one")
+    if get("adapter.init") == "loftq" and get("model.low_memory") is True:
+        problems.append("adapter.init=loftq needs the unquantized weights; set model.low_memory=false")
     if get("trainer.accelerator") == "cpu" and get("trainer.optimizer") == "paged_adamw_8bit":
         problems.append("trainer.optimizer=paged_adamw_8bit needs a GPU; use adamw on CPU")
     devices, cores = get("trainer.devices"), os.cpu_count() or 1

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_qlora.metrics import TokenMetrics, answer_positions, reset_outside_inference, token_stats
-from lightning_qlora.models import DEFAULT_MODEL, load_model
+from lightning_qlora.models import DEFAULT_MODEL, load_model, low_memory_args
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
@@ -64,6 +64,8 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: Linear warmup steps before the cosine decay.
         min_lr_ratio: Final LR as a fraction of ``lr``.
         optimizer: ``"adamw"``, or ``"paged_adamw_8bit"`` (CUDA only).
+        low_memory: Quantize while loading ``model`` (a path), so the 16/32-bit model is never
+            in host memory at once; needs QLoRAPlugin.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
+        low_memory: bool = False,
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
@@ -94,7 +97,7 @@ class CausalLMModule(L.LightningModule):
         # Loading here (not in __init__) keeps Trainer/strategy setup cheap and lets every
         # DDP rank load its own copy, which QLoRAPlugin then quantizes on that rank's device.
         if self.model is None:
-            self.model = load_model(self._model_name, task="causal-lm")
+            self.model = load_model(self._model_name, task="causal-lm", **low_memory_args(self))
             # from_pretrained returns eval mode, and Lightning keeps submodule modes as
             # found, which would silently disable LoRA dropout during training.
             self.model.train()

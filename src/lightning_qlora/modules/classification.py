@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from typing_extensions import override
 
 from lightning_qlora.metrics import reset_outside_inference
-from lightning_qlora.models import DEFAULT_MODEL, load_model
+from lightning_qlora.models import DEFAULT_MODEL, load_model, low_memory_args
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
@@ -28,7 +28,7 @@ class SequenceClassificationModule(L.LightningModule):
         model: A transformers sequence-classification model, or a name/path to load.
         num_labels: Number of classes.
         label_names: Optional class names, for reports.
-        lr, weight_decay, warmup_steps, min_lr_ratio, optimizer: as in ``CausalLMModule``.
+        lr, weight_decay, warmup_steps, min_lr_ratio, optimizer, low_memory: as in ``CausalLMModule``.
     """
 
     def __init__(
@@ -41,6 +41,7 @@ class SequenceClassificationModule(L.LightningModule):
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
+        low_memory: bool = False,
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
@@ -69,7 +70,10 @@ class SequenceClassificationModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = load_model(
-                self._model_name, task="sequence-classification", num_labels=self.hparams.num_labels
+                self._model_name,
+                task="sequence-classification",
+                num_labels=self.hparams.num_labels,
+                **low_memory_args(self),
             )
             self.model.train()  # from_pretrained returns eval mode; see CausalLMModule
 
