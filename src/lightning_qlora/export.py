@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_qlora.quantize import QuantConfig
+from lightning_qlora.quantize import QuantConfig, dequantized_weight
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "lightning_qlora.json"
@@ -105,13 +105,8 @@ def dequantize_model(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, child)
-        weight = layer.weight
-        if isinstance(layer, bnb.nn.Linear4bit):
-            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-        else:
-            dense = weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(dense.reshape(layer.out_features, layer.in_features), requires_grad=False)
+        linear.weight = nn.Parameter(dequantized_weight(layer), requires_grad=False)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.data.float(), requires_grad=False)
         setattr(parent, child, linear)

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from lightning_qlora.quantize import dequantized_weight
+
 
 class LoftQInit:
     """Collect each layer's low-rank residual during quantization, then write it into the adapters.
@@ -32,8 +34,7 @@ class LoftQInit:
 
         if not isinstance(layer, bnb.nn.Linear4bit):
             raise ValueError("adapter.init='loftq' needs a 4-bit quant_type (nf4 or fp4); int8 is not supported.")
-        packed = layer.weight
-        dense = bnb.functional.dequantize_4bit(packed.data, packed.quant_state).float()
+        dense = dequantized_weight(layer)
         residual = weight.detach().float().to(dense.device).reshape(dense.shape) - dense
         rank = min(self.r, *residual.shape)
         # A randomized SVD is exact enough at rank r and ~10x faster than a full one on CPU.

@@ -31,6 +31,7 @@ from lightning_qlora.checkpoint import (
     trainable_state,
 )
 from lightning_qlora.loftq import LoftQInit
+from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
 
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -89,6 +90,8 @@ class QLoRAPlugin(MixedPrecision):
         self.peft_models: dict[str, nn.Module] = {}
         self.quant_reports: dict[str, QuantReport] = {}
         self.adapter_reports: dict[str, AdapterReport] = {}
+        # Per-layer relative weight error of the quantization (lightning_qlora.quant_error.write_error_report).
+        self.quant_errors: dict[str, list[LayerError]] = {}
         self._module: nn.Module | None = None
         self._fingerprints: dict[str, dict[str, Any]] = {}
         self._pending_rng: dict[str, Any] | None = None
@@ -130,7 +133,13 @@ class QLoRAPlugin(MixedPrecision):
                 self._fingerprints[label] = base_fingerprint(model)
             fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
             loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
-            report = quantize_model(model, self.quant_config, device, show_progress=show, on_layer=loftq)
+            recorder = ErrorRecorder()
+            report = quantize_model(
+                model, self.quant_config, device, show_progress=show, on_layer=_chain(recorder, loftq)
+            )
+            if recorder.errors:
+                self.quant_errors[label] = recorder.errors
+                rank_zero_info(f"QLoRAPlugin: {label}: {summarize(recorder.errors)}")
             if loftq is not None and not report.quantized:
                 raise ValueError(
                     "adapter init='loftq' needs the unquantized weights, but the model came already quantized"
@@ -250,6 +259,17 @@ class QLoRAPlugin(MixedPrecision):
         if self.scaler is not None and "scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["scaler"])
         self._pending_rng = state_dict.get("rng")
+
+
+def _chain(*hooks):
+    """One ``on_layer`` hook calling each given (non-None) hook in turn."""
+    live = [h for h in hooks if h is not None]
+
+    def call(name: str, weight: torch.Tensor, layer: nn.Module) -> None:
+        for hook in live:
+            hook(name, weight, layer)
+
+    return call
 
 
 def _get_rng_states() -> dict[str, Any]:

@@ -323,3 +323,14 @@ def quantized_nbytes(layer: nn.Module) -> int:
     if isinstance(scb, torch.Tensor):
         total += scb.numel() * scb.element_size()
     return total
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The fp32 weight a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layer computes with."""
+    bnb = require_bitsandbytes()
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    else:  # LLM.int8: int8 rows scaled by their absmax / 127
+        dense = weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
+    return dense.reshape(layer.out_features, layer.in_features)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "estimate":
             from lightning_qlora.cli.estimate import main as estimate_main
 
-            return estimate_main(argv[1:])
+            return estimate_main([_ESTIMATE_KEYS.get(a.split("=", 1)[0], a) for a in _split_keys(argv[1:])])
         args = _parser().parse_args(argv)
         if args.command == "merge":
             from lightning_qlora.export import merge
@@ -68,6 +68,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+# The run config's keys, accepted by `estimate` too: model.name_or_path=X is --model X.
+_ESTIMATE_KEYS = {
+    "model.name_or_path": "--model",
+    "data.batch_size": "--batch-size",
+    "data.max_length": "--seq-len",
+    "adapter.r": "--r",
+    "quant.type": "--quant",
+}
+
+
+def _split_keys(args: list[str]) -> list[str]:
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in _ESTIMATE_KEYS:
+            out += [key, value]
+        else:
+            out.append(arg)
+    return out
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:

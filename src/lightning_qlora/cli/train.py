@@ -36,6 +36,7 @@ from lightning_qlora.generation import generate
 from lightning_qlora.models import load_tokenizer
 from lightning_qlora.modules import CausalLMModule, SequenceClassificationModule
 from lightning_qlora.plugin import QLoRAPlugin
+from lightning_qlora.quant_error import write_error_report
 from lightning_qlora.report import plot_confusion, plot_loss, write_report
 
 SPLITS = ("train", "validation", "test")
@@ -311,6 +312,8 @@ def _run_stages(
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         plot_loss(sorted((out / "logs").glob("**/metrics.csv")), out / "loss_curve.png")
+        for errors in trainer.precision_plugin.quant_errors.values():
+            write_error_report(errors, out)  # quant_errors.csv and quant_errors.png
         if confusion_after is not None:
             plot_confusion(confusion_before, confusion_after, task.label_names, out / "confusion_matrix.png")
         examples = [
