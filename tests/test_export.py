@@ -68,7 +68,13 @@ def test_stock_transformers_bnb_plus_stock_peft_match_ours(trained):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert (ours - plain).abs().max() > 1e-2  # the adapter matters, so the match is not vacuous
     meta = json.loads((tmp / "adapter" / "lightning_qlora.json").read_text())
-    assert meta["quant"] == {"quant_type": "nf4", "double_quant": True, "quant_storage": "uint8", "skip_modules": []}
+    assert meta["quant"] == {
+        "quant_type": "nf4",
+        "double_quant": True,
+        "quant_storage": "uint8",
+        "skip_modules": [],
+        "int8_modules": [],
+    }
 
 
 def test_merged_model_loads_without_peft_or_bitsandbytes_and_matches(trained):

@@ -104,7 +104,7 @@ class LoRAAdapters(Callback):
         written = []
         for label, peft_model in plugin.peft_models.items():
             target = directory if len(plugin.peft_models) == 1 else directory / label
-            save_adapter(peft_model, target, plugin.quant_config)
+            save_adapter(peft_model, target, plugin.quant_config, int8_modules=plugin.promoted(label))
             written.append(target)
             rank_zero_info(f"LoRAAdapters: exported {label} adapter (PEFT format) to {target}")
         return written

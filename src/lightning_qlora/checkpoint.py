@@ -84,8 +84,9 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> Non
 def check_configs(then: dict[str, Any], now: dict[str, Any], path: str) -> None:
     """Raise ``ValueError`` when the saved adapter or quant config differs from this run's."""
     for part in ("adapter", "quant"):
-        if then[part] != now[part]:
-            diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
+        # Keys this run cannot know yet (the precision budget's layers, before the model loads) are skipped.
+        diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
+        if diff:
             raise ValueError(
                 f"checkpoint {path} was saved with another {part} config; differences (saved, now): {diff}."
                 f" Use the {part} settings it was trained with, or start a new run."

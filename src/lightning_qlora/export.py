@@ -43,7 +43,13 @@ def check_adapter_dir(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def save_adapter(peft_model: nn.Module, directory: str | os.PathLike, quant: QuantConfig, **extra: Any) -> Path:
+def save_adapter(
+    peft_model: nn.Module,
+    directory: str | os.PathLike,
+    quant: QuantConfig,
+    int8_modules: tuple[str, ...] = (),
+    **extra: Any,
+) -> Path:
     """Write ``peft_model``'s adapter in PEFT format plus ``lightning_qlora.json``."""
     directory = Path(directory)
     peft_model.save_pretrained(str(directory), safe_serialization=True)
@@ -58,6 +64,7 @@ def save_adapter(peft_model: nn.Module, directory: str | os.PathLike, quant: Qua
             "double_quant": quant.double_quant,
             "quant_storage": str(quant.quant_storage).removeprefix("torch."),
             "skip_modules": list(quant.skip_modules),
+            "int8_modules": list(int8_modules),  # kept in int8 by a precision budget
         },
         **extra,
     }
@@ -132,7 +139,8 @@ def load_base(base: str, meta: dict[str, Any], *, quantize: bool = True, trust_r
             " adapter again would add its update twice. Use the original base model."
         )
     if quantize:
-        quantize_model(model, quant_config_of(meta), torch.device("cpu"), show_progress=False)
+        int8_modules = (meta.get("quant") or {}).get("int8_modules", [])
+        quantize_model(model, quant_config_of(meta), torch.device("cpu"), int8_modules=int8_modules)
     return model
 
 

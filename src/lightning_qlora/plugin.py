@@ -21,6 +21,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_qlora.adapters import AdapterConfig, AdapterReport, add_adapters, load_adapters
+from lightning_qlora.budget import BudgetPlan, plan_budget
 from lightning_qlora.checkpoint import (
     FORMAT_VERSION,
     META_KEY,
@@ -68,6 +69,10 @@ class QLoRAPlugin(MixedPrecision):
         quant_storage: Storage dtype of packed 4-bit weights (``"uint8"``; ``"bf16"`` for FSDP).
         skip_modules: Extra module names to keep unquantized (heads are always kept).
         adapters: The default adapter spec, used when no ``LoRAAdapters`` callback gives one.
+        keep_high_precision: A memory allowance, e.g. ``0.05``: keep the layers 4 bits hurt most in
+            int8, growing the quantized base by at most that fraction (see ``lightning_qlora.budget``).
+        calibration: ``input_ids`` to rank layers for ``keep_high_precision`` by output error.
+        int8_modules: Layers to quantize to int8 as given (e.g. the plan a saved adapter was trained with).
     """
 
     def __init__(
@@ -78,11 +83,26 @@ class QLoRAPlugin(MixedPrecision):
         quant_storage: str | torch.dtype = "uint8",
         skip_modules: Sequence[str] = (),
         adapters: AdapterConfig | None = None,
+        keep_high_precision: float | None = None,
+        calibration: torch.Tensor | None = None,
+        int8_modules: Sequence[str] = (),
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
         self.quant_config = QuantConfig(quant_type, double_quant, compute_dtype, quant_storage, tuple(skip_modules))
         self.adapter_config = adapters or AdapterConfig()
+        if keep_high_precision is not None and (
+            isinstance(keep_high_precision, bool)
+            or not isinstance(keep_high_precision, (int, float))
+            or keep_high_precision <= 0
+        ):
+            raise ValueError(
+                f"keep_high_precision={keep_high_precision!r} should be a positive fraction, e.g. 0.05 for +5% memory."
+            )
+        self.keep_high_precision = keep_high_precision
+        self.calibration = calibration
+        self.budget_plans: dict[str, BudgetPlan] = {}
+        self.int8_modules = tuple(int8_modules)
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -134,8 +154,19 @@ class QLoRAPlugin(MixedPrecision):
             fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
             loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
             recorder = ErrorRecorder()
+            promoted = self.int8_modules
+            if self.keep_high_precision and not getattr(model, "is_loaded_in_4bit", False):
+                plan = plan_budget(model, self.quant_config, self.keep_high_precision, self.calibration)
+                self.budget_plans[label] = plan
+                promoted = plan.promoted
+                rank_zero_info(f"QLoRAPlugin: {label}: {plan.summary()}")
             report = quantize_model(
-                model, self.quant_config, device, show_progress=show, on_layer=_chain(recorder, loftq)
+                model,
+                self.quant_config,
+                device,
+                show_progress=show,
+                on_layer=_chain(recorder, loftq),
+                int8_modules=promoted,
             )
             if recorder.errors:
                 self.quant_errors[label] = recorder.errors
@@ -216,10 +247,16 @@ class QLoRAPlugin(MixedPrecision):
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: base, quantization and adapter per model."""
         quant, adapter = plain_config(self.quant_config), plain_config(self.adapter_config)
+        quant["int8_modules"] = sorted(self.promoted())
         models = {
             label: {"base": self._fingerprints[label], "quant": quant, "adapter": adapter} for label in self.peft_models
         }
         return {"format": FORMAT_VERSION, "models": models}
+
+    def promoted(self, label: str | None = None) -> tuple[str, ...]:
+        """Layers quantized to int8 by the precision budget (or as given), for ``label`` or any model."""
+        plans = [p for k, p in self.budget_plans.items() if label is None or k == label]
+        return tuple(n for p in plans for n in p.promoted) or self.int8_modules
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -193,6 +193,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     show_progress: bool = False,
     on_layer: Callable[[str, torch.Tensor, nn.Module], None] | None = None,
+    int8_modules: Iterable[str] = (),
 ) -> QuantReport:
     """Replace ``model``'s Linear layers, in place, with bitsandbytes quantized layers.
 
@@ -206,6 +207,7 @@ def quantize_model(
         show_progress: Show a progress bar over the layers.
         on_layer: Called as ``on_layer(name, original_weight, quantized_layer)`` for each layer,
             while the original weight still exists (LoftQ initialization uses it).
+        int8_modules: Full names of layers to quantize to LLM.int8 instead (a precision budget).
 
     Returns:
         A :class:`QuantReport` with the layer counts and weight bytes before and after.
@@ -234,6 +236,11 @@ def quantize_model(
     compute_dtype = config.resolve_compute_dtype(device)
     report = QuantReport(config.quant_type, compute_dtype, device, skipped=report_skipped, already_quantized=already)
 
+    promoted = set(int8_modules)
+    int8 = QuantConfig("int8", compute_dtype="fp32")  # only its quant type is used per layer
+    unknown = promoted - {name for name, _ in targets}
+    if unknown:
+        raise ValueError(f"int8_modules {sorted(unknown)[:3]} are not layers this model quantizes.")
     iterator = targets
     if show_progress and targets:
         from tqdm.auto import tqdm
@@ -252,7 +259,7 @@ def quantize_model(
                 " load the 16/32-bit checkpoint, not an already-quantized one."
             )
         report.bytes_before += weight.numel() * weight.element_size()
-        new = _make_quantized(bnb, linear, config, compute_dtype, device)
+        new = _make_quantized(bnb, linear, int8 if name in promoted else config, compute_dtype, device)
         if on_layer is not None:
             on_layer(name, weight.data, new)
         parent_name, _, leaf = name.rpartition(".")
@@ -262,7 +269,7 @@ def quantize_model(
     # PEFT reads these flags to dispatch its bnb-aware LoRA layers, which dequantize
     # correctly on merge instead of adding to the packed weight bytes.
     model.is_loaded_in_4bit = config.quant_type != "int8"
-    model.is_loaded_in_8bit = config.quant_type == "int8"
+    model.is_loaded_in_8bit = config.quant_type == "int8" or bool(promoted)
     return report
 
 

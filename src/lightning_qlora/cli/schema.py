@@ -47,6 +47,11 @@ RULES: tuple[Rule, ...] = (
     ("quant.double_quant", _bool, "true or false"),
     ("quant.compute_dtype", _one_of("auto", "bf16", "fp16", "fp32"), "one of auto, bf16, fp16, fp32"),
     ("quant.quant_storage", _one_of("uint8", "bf16", "fp16", "fp32"), "one of uint8, bf16, fp16, fp32"),
+    (
+        "quant.keep_high_precision",
+        lambda v: v is None or _num(0, strict=True, high=1)(v),
+        "null or in (0, 1), e.g. 0.05",
+    ),
     ("adapter.r", _int(1), "a positive integer, e.g. 16"),
     ("adapter.alpha", _num(0, strict=True), "a positive number, e.g. 2*r"),
     ("adapter.dropout", _num(0, high=1), "in [0, 1), e.g. 0.05"),
@@ -89,6 +94,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append("quant.type=int8 cannot compute in bf16; use quant.compute_dtype=fp16, fp32 or auto")
     if get("quant.type") == "int8" and get("quant.quant_storage") not in (None, "uint8"):
         problems.append("quant.quant_storage applies to 4-bit types only; keep uint8 with int8")
+    if get("quant.keep_high_precision") is not None and get("quant.type") == "int8":
+        problems.append("quant.keep_high_precision promotes 4-bit layers to int8; use it with nf4 or fp4")
+    if get("quant.keep_high_precision") is not None and get("model.low_memory") is True:
+        problems.append("quant.keep_high_precision measures the unquantized weights; set model.low_memory=false")
     if get("adapter.init") == "loftq" and get("quant.type") == "int8":
         problems.append("adapter.init=loftq needs a 4-bit quant.type (nf4 or fp4)")
     if get("adapter.init") == "loftq" and get("adapter.use_dora") is True:

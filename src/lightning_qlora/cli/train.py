@@ -201,7 +201,15 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
         a.use_rslora,
         a.init,
     )
-    return QLoRAPlugin(q.type, q.double_quant, q.compute_dtype, q.quant_storage, list(q.skip_modules), adapters)
+    return QLoRAPlugin(
+        q.type,
+        q.double_quant,
+        q.compute_dtype,
+        q.quant_storage,
+        list(q.skip_modules),
+        adapters,
+        keep_high_precision=q.get("keep_high_precision"),
+    )
 
 
 def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Trainer:
@@ -353,6 +361,7 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
         quant.compute_dtype,
         q.quant_storage if q else quant.quant_storage,
         list(q.skip_modules if q else quant.skip_modules),
+        int8_modules=(meta.get("quant") or {}).get("int8_modules", ()),
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
