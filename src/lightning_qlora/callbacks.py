@@ -67,6 +67,13 @@ class LoRAAdapters(Callback):
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.load_from = str(check_adapter_dir(load_from)) if load_from is not None else None
 
+    @classmethod
+    def from_config(cls, config: AdapterConfig, **kwargs) -> LoRAAdapters:
+        """A callback for an existing :class:`AdapterConfig`; ``kwargs`` as in ``__init__`` (``export_dir``...)."""
+        callback = cls(**kwargs)
+        callback.config = config
+        return callback
+
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         plugin = trainer.precision_plugin

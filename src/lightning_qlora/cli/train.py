@@ -213,21 +213,9 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
 
 
 def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Trainer:
-    t, a = cfg.trainer, cfg.adapter
+    t = cfg.trainer
     plugin = build_plugin(cfg)
-    targets = a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules)
-    adapters = LoRAAdapters(
-        a.r,
-        a.alpha,
-        a.dropout,
-        targets,
-        list(a.modules_to_save),
-        a.gradient_checkpointing,
-        export_dir=out / "adapter",
-        use_dora=a.use_dora,
-        use_rslora=a.use_rslora,
-        init=a.init,
-    )
+    adapters = LoRAAdapters.from_config(plugin.adapter_config, export_dir=out / "adapter")
     # Adapter-only checkpoints (QLoRAPlugin drops the frozen base), written atomically.
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints",
