@@ -139,6 +139,25 @@ PUBMEDQA = Task(
 )
 
 
+def _pubmedqa_decision_pair(row: Row) -> tuple[str, str]:
+    context = " ".join(row["context"]["contexts"])
+    prompt = "Read the abstract and answer the question with yes, no or maybe."
+    prompt += f"\n\nAbstract: {context}\n\nQuestion: {row['question']}"
+    return prompt, f"{PUBMEDQA_OPTIONS[_pubmedqa_label(row)].capitalize()}."
+
+
+# The decision alone: every answer token is the decision, instead of 1 in ~30 next to the explanation.
+PUBMEDQA_DECISION = Task(
+    name="pubmedqa_decision",
+    dataset="qiaojin/PubMedQA pqa_labeled",
+    required=("question", "context.contexts", "final_decision"),
+    to_pair=_pubmedqa_decision_pair,
+    choices=lambda row: [o.capitalize() for o in PUBMEDQA_OPTIONS],
+    label=_pubmedqa_label,
+    id_field="pubid",
+)
+
+
 # --- CaseHOLD (casehold/casehold) ------------------------------------------------
 def _casehold_label(row: Row) -> int:
     label = str(row["label"]).strip()
@@ -194,7 +213,7 @@ AG_NEWS = Task(
     label_names=AG_NEWS_LABELS,
 )
 
-TASKS = {t.name: t for t in (PUBMEDQA, CASEHOLD, AG_NEWS)}
+TASKS = {t.name: t for t in (PUBMEDQA, PUBMEDQA_DECISION, CASEHOLD, AG_NEWS)}
 
 
 def get_task(name: str) -> Task:
