@@ -9,6 +9,7 @@ for ``configure_optimizers`` to see only the adapter parameters.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -31,10 +32,12 @@ from lightning_qlora.checkpoint import (
     plain_config,
     trainable_state,
 )
+from lightning_qlora.cpu import pin_mmap_threshold
 from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
 
+log = logging.getLogger(__name__)
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
 _PRECISION_NAMES = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
 
@@ -73,6 +76,8 @@ class QLoRAPlugin(MixedPrecision):
             int8, growing the quantized base by at most that fraction (see ``lightning_qlora.budget``).
         calibration: ``input_ids`` to rank layers for ``keep_high_precision`` by output error.
         int8_modules: Layers to quantize to int8 as given (e.g. the plan a saved adapter was trained with).
+        cpu_mmap_threshold: On CPU, pin glibc's mmap threshold to this many bytes so that freed
+            activations leave RSS (see ``lightning_qlora.cpu``); ``None`` keeps glibc's behaviour.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class QLoRAPlugin(MixedPrecision):
         keep_high_precision: float | None = None,
         calibration: torch.Tensor | None = None,
         int8_modules: Sequence[str] = (),
+        cpu_mmap_threshold: int | None = 64 * 1024,
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
@@ -103,6 +109,7 @@ class QLoRAPlugin(MixedPrecision):
         self.calibration = calibration
         self.budget_plans: dict[str, BudgetPlan] = {}
         self.int8_modules = tuple(int8_modules)
+        self.cpu_mmap_threshold = cpu_mmap_threshold
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -204,6 +211,8 @@ class QLoRAPlugin(MixedPrecision):
         self.compute_dtype = compute_dtype
         self.precision = _PRECISION_NAMES[compute_dtype]
         self.device = device.type
+        if device.type == "cpu" and self.cpu_mmap_threshold and pin_mmap_threshold(self.cpu_mmap_threshold):
+            log.debug("QLoRAPlugin: glibc mmap threshold pinned to %d bytes", self.cpu_mmap_threshold)
         if compute_dtype == torch.float16 and self.scaler is None and device.type == "cuda":
             self.scaler = torch.amp.GradScaler(device="cuda")
 
