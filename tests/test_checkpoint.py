@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin
-from lightning_qlora.checkpoint import META_KEY, AtomicCheckpointIO, read_checkpoint
+from lightning_qlora.checkpoint import META_KEY, AtomicCheckpointIO, _umask, read_checkpoint
 from lightning_qlora.data import PromptAnswerDataModule
 from tests.conftest import LossRecorder, quiet_trainer, tiny_llama_config
 from tests.data.test_formatting import CharTokenizer
@@ -106,3 +106,4 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
