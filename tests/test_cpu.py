@@ -1,21 +1,134 @@
-"""The CPU allocator default that keeps freed activations out of RSS."""
+"""The CPU allocator policy: freed memory goes back to the OS, large-buffer pinning is opt-in."""
 
 import platform
+import subprocess
+import sys
 
+import lightning as L
+import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from lightning_qlora import cpu
 from lightning_qlora.plugin import QLoRAPlugin
 
+glibc_only = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="glibc only: other C libraries have no mmap threshold or malloc_trim",
+)
 
-def test_plugin_pins_glibc_mmap_threshold_on_cpu(tiny_llama):
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc only: other C libraries have no such threshold to pin")
-    QLoRAPlugin().convert_module(tiny_llama)
-    assert cpu._applied == 64 * 1024
-    assert cpu.pin_mmap_threshold(64 * 1024)  # idempotent
+
+def _fragment() -> tuple[list, list]:
+    """~188 MiB of 32 KiB heap blocks, each followed by a small live block that pins the heap around it.
+
+    32 KiB stays under any mmap threshold, so the blocks land on the heap; once they are freed,
+    the live blocks between them stop glibc from shrinking the heap by itself.
+    """
+    blocks, keep = [], []
+    for _ in range(6000):
+        blocks.append(np.ones(32 * 1024 // 8))
+        keep.append(np.ones(256))  # 2 KiB: above numpy's small-buffer cache, so from malloc
+    return blocks, keep
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@glibc_only
+def test_release_free_memory_returns_fragmented_heap_pages():
+    blocks, keep = _fragment()
+    del blocks
+    before = _rss_mib()
+    assert cpu.release_free_memory()
+    after = _rss_mib()
+    assert before - after > 100, (before, after)
+    del keep
+
+
+PROBE = """
+import ctypes, sys
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from lightning_qlora.plugin import QLoRAPlugin
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)
+threshold = None if sys.argv[1] == "none" else int(sys.argv[1])
+QLoRAPlugin(cpu_mmap_threshold=threshold).convert_module(LlamaForCausalLM(config))
+before = libc.mallinfo2().hblks
+blocks = [np.ones(100 * 1024 // 8) for _ in range(10)]  # 100 KiB: under glibc's initial 128 KiB threshold
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize(("threshold", "mapped"), [("none", 0), ("65536", 10)])
+def test_large_buffer_pinning_is_opt_in(threshold, mapped):
+    # In a fresh process: the threshold is process-wide, and pinning it would slow the rest of the suite.
+    done = subprocess.run([sys.executable, "-c", PROBE, threshold], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == mapped
+
+
+class _Fragment(L.Callback):
+    """Frees a fragmented ~188 MiB before each optimizer step; records RSS before and after it."""
+
+    def __init__(self):
+        self.drops = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        blocks, self.keep = _fragment()
+        del blocks
+        self.before = _rss_mib()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.drops.append(self.before - _rss_mib())
+
+
+@glibc_only
+@pytest.mark.parametrize("release", [True, False])
+def test_freed_heap_pages_leave_rss_after_each_step(tiny_llama, release):
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+    probe = _Fragment()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        plugins=[QLoRAPlugin(cpu_release_memory=release)],
+        callbacks=[probe],
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Module(), DataLoader([torch.randint(0, 16, (1, 8)) for _ in range(2)], batch_size=None))
+    if release:
+        assert min(probe.drops) > 100, probe.drops
+    else:
+        assert max(probe.drops) < 50, probe.drops
 
 
 def test_bad_threshold():
     with pytest.raises(ValueError, match="threshold=0 should be a positive number of bytes"):
         cpu.pin_mmap_threshold(0)
+    with pytest.raises(ValueError, match="cpu_mmap_threshold=-1 should be a positive number of bytes"):
+        QLoRAPlugin(cpu_mmap_threshold=-1)

@@ -1,11 +1,16 @@
-"""CPU defaults: stop glibc from keeping freed activations resident.
+"""CPU allocator policy: give freed activations back to the OS without slowing steps down.
 
-glibc serves allocations above its mmap threshold with ``mmap`` and returns them to the OS
-on free, but it raises that threshold (up to 32 MiB) each time such a block is freed.
-After the first training step most activation buffers fall under the raised threshold,
-land on the heap, and stay resident when freed: a 135M model at batch 4 x 512 then peaks
-at 5.6 GB of RSS instead of 2.0 GB (bench/results/estimate_vs_measured.json). Pinning the
-threshold keeps large blocks on ``mmap``, the same as ``MALLOC_MMAP_THRESHOLD_=65536``.
+With glibc's default (dynamic) mmap threshold, activation buffers land on the heap after the
+first step, and memory freed between steps stays resident. Two remedies, measured on
+SmolLM2-135M with 2 threads (``bench/README.md``, "Allocator policy"):
+
+- ``release_free_memory`` (``malloc_trim(0)``) after each optimizer step, the plugin's default:
+  batch 2 x 128 with checkpointing peaked at 1535 MiB instead of 1814, at the same step time.
+  It cannot lower the peak inside one step.
+- ``pin_mmap_threshold(65536)``, opt-in as ``QLoRAPlugin(cpu_mmap_threshold=65536)``: every
+  large buffer gets its own mapping, so batch 4 x 320 without checkpointing peaked at 4.5 GB
+  instead of 6.4 GB, but each step took 1.25-1.5x as long (page faults on every fresh mapping).
+  ``lightning_qlora.estimate`` models this policy.
 """
 
 from __future__ import annotations
@@ -15,6 +20,21 @@ import platform
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _applied: int | None = None
+_libc: ctypes.CDLL | None = None
+_looked = False
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None on another OS or C library (looked up once: this runs every step)."""
+    global _libc, _looked
+    if not _looked:
+        _looked = True
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                _libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                _libc = None
+    return _libc
 
 
 def pin_mmap_threshold(threshold: int = 64 * 1024) -> bool:
@@ -28,13 +48,16 @@ def pin_mmap_threshold(threshold: int = 64 * 1024) -> bool:
         raise ValueError(f"threshold={threshold} should be a positive number of bytes, e.g. 65536.")
     if _applied is not None:
         return _applied == threshold
-    if platform.system() != "Linux":
+    libc = _glibc()
+    if libc is None:  # musl, macOS, Windows: nothing to pin
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # musl or another libc: nothing to pin
-        return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
     if ok:
         _applied = threshold
     return ok
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (``malloc_trim(0)``); False where there is no glibc."""
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0) >= 0)

@@ -9,6 +9,7 @@ for ``configure_optimizers`` to see only the adapter parameters.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 from collections.abc import Generator, Sequence
@@ -32,7 +33,7 @@ from lightning_qlora.checkpoint import (
     plain_config,
     trainable_state,
 )
-from lightning_qlora.cpu import pin_mmap_threshold
+from lightning_qlora.cpu import pin_mmap_threshold, release_free_memory
 from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
@@ -76,8 +77,10 @@ class QLoRAPlugin(MixedPrecision):
             int8, growing the quantized base by at most that fraction (see ``lightning_qlora.budget``).
         calibration: ``input_ids`` to rank layers for ``keep_high_precision`` by output error.
         int8_modules: Layers to quantize to int8 as given (e.g. the plan a saved adapter was trained with).
-        cpu_mmap_threshold: On CPU, pin glibc's mmap threshold to this many bytes so that freed
-            activations leave RSS (see ``lightning_qlora.cpu``); ``None`` keeps glibc's behaviour.
+        cpu_mmap_threshold: On CPU, pin glibc's mmap threshold to this many bytes (e.g. ``65536``):
+            a lower peak RSS at large batches for slower steps (see ``lightning_qlora.cpu``).
+        cpu_release_memory: On CPU, hand freed heap pages back to the OS after setup and after
+            each optimizer step (``malloc_trim``), so RSS does not creep between steps.
     """
 
     def __init__(
@@ -91,7 +94,8 @@ class QLoRAPlugin(MixedPrecision):
         keep_high_precision: float | None = None,
         calibration: torch.Tensor | None = None,
         int8_modules: Sequence[str] = (),
-        cpu_mmap_threshold: int | None = 64 * 1024,
+        cpu_mmap_threshold: int | None = None,
+        cpu_release_memory: bool = True,
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
@@ -109,7 +113,12 @@ class QLoRAPlugin(MixedPrecision):
         self.calibration = calibration
         self.budget_plans: dict[str, BudgetPlan] = {}
         self.int8_modules = tuple(int8_modules)
+        if cpu_mmap_threshold is not None and (isinstance(cpu_mmap_threshold, bool) or cpu_mmap_threshold <= 0):
+            raise ValueError(
+                f"cpu_mmap_threshold={cpu_mmap_threshold!r} should be a positive number of bytes (e.g. 65536) or None."
+            )
         self.cpu_mmap_threshold = cpu_mmap_threshold
+        self.cpu_release_memory = cpu_release_memory
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -205,6 +214,10 @@ class QLoRAPlugin(MixedPrecision):
             self.adapter_reports[label] = adapter_report
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")
             self._cast_frozen(model, report.compute_dtype)
+        if self.device == "cpu" and self.cpu_release_memory:
+            # Loading and quantizing leave the fp32 weights' freed pages on the heap.
+            gc.collect()
+            release_free_memory()
         return module
 
     def _set_precision(self, compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -252,6 +265,15 @@ class QLoRAPlugin(MixedPrecision):
             self._pending_rng = None
         with self.forward_context():
             yield
+
+    @override
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
+        result = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        if self.device == "cpu" and self.cpu_release_memory:
+            # The step's activations are freed by now; without this, glibc keeps their pages
+            # resident and RSS grows past the estimate (lightning_qlora.cpu has the figures).
+            release_free_memory()
+        return result
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: base, quantization and adapter per model."""

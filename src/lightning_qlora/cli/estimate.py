@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # bench/results/estimate_vs_measured.json: 1.4-2.9x the estimate with glibc's default dynamic mmap threshold.
     print(
         "note: on Linux CPUs, glibc's default malloc keeps freed activations resident (RSS measured up to 2.9x"
-        " this); run with MALLOC_MMAP_THRESHOLD_=65536 to stay near the estimate."
+        " this at large batches); run with MALLOC_MMAP_THRESHOLD_=65536 (or QLoRAPlugin(cpu_mmap_threshold=65536))"
+        " to stay near the estimate, at some cost in step time."
     )
     return 0
