@@ -212,6 +212,9 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
     )
 
 
+_NEVER = 10**9  # epochs; Lightning takes no "off" value for check_val_every_n_epoch
+
+
 def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Trainer:
     t = cfg.trainer
     plugin = build_plugin(cfg)
@@ -233,7 +236,9 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
             strategy=t.strategy,
             max_steps=t.max_steps,
             val_check_interval=t.val_check_interval,
-            check_val_every_n_epoch=None if t.val_check_interval else 1,
+            # No interval: no validation inside fit (run() validates before and after it), so an
+            # epoch boundary does not cost a validation pass that the "after" one repeats.
+            check_val_every_n_epoch=None if t.val_check_interval else _NEVER,
             accumulate_grad_batches=t.accumulate_grad_batches,
             gradient_clip_val=t.gradient_clip_val,
             # A run shorter than the logging interval would otherwise log no training loss at all.
