@@ -11,6 +11,7 @@ import math
 import pytest
 
 from bench.run import alternating, markdown, parse_result, run_worker, speed_result
+from tests.conftest import tiny_llama_config
 
 FIELDS = (
     "median_step_s",
@@ -31,18 +32,11 @@ FIELDS = (
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    # The suite's tiny Llama, with transformers' default init and no pad id, as a real checkpoint has.
+    config = tiny_llama_config(vocab_size=256, initializer_range=0.02, pad_token_id=None)
     path = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
