@@ -107,3 +107,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
     assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+
+
+def test_base_fingerprint_embedding_checksum_matches_the_whole_table_sum():
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.checkpoint import base_fingerprint
+
+    tiny_llama = LlamaForCausalLM(tiny_llama_config(vocab_size=9000))  # 3 blocks of 4096 rows
+
+    # Checkpoints written before the blockwise sum hold the whole-table fp64 value: they must still match.
+    whole = float(tiny_llama.get_input_embeddings().weight.detach().double().abs().sum())
+    assert base_fingerprint(tiny_llama)["embed"] == pytest.approx(whole, rel=1e-12)

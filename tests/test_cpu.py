@@ -132,3 +132,32 @@ def test_bad_threshold():
         cpu.pin_mmap_threshold(0)
     with pytest.raises(ValueError, match="cpu_mmap_threshold=-1 should be a positive number of bytes"):
         QLoRAPlugin(cpu_mmap_threshold=-1)
+
+
+def _mapped(path) -> bool:
+    return any(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/maps")
+def test_copy_file_backed_lets_the_checkpoint_mapping_go(tmp_path):
+    import gc
+
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    shard = (tmp_path / "model.safetensors").resolve()
+    before = model.model.embed_tokens.weight.detach().clone()
+    if not _mapped(shard):
+        pytest.skip("this transformers version copied the weights on load; nothing stays mapped")
+    copied = cpu.copy_file_backed(model)
+    gc.collect()
+    # Every fp32 tensor was a view of the file; all are copies now, and the mapping is gone.
+    assert copied == sum(p.numel() * 4 for p in model.parameters()), copied
+    assert not _mapped(shard)
+    assert torch.equal(model.model.embed_tokens.weight, before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert cpu.copy_file_backed(model) == 0  # nothing left to copy

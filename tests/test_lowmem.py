@@ -100,3 +100,57 @@ def test_peak_host_memory_is_lower(tmp_path):
     # Load-then-quantize holds all fp32 weights (~150 MiB); quantizing while loading holds
     # the 4-bit layers (~18 MiB), the fp32 embeddings and head (~16 MiB) and one tensor.
     assert peak["std"] > 140 and peak["low"] < 0.7 * peak["std"], peak
+
+
+def _fit_one_step(path, plugin, low_memory="auto"):
+    from lightning_qlora import CausalLMModule
+    from tests.conftest import counting_batches, loader, quiet_trainer
+
+    module = CausalLMModule(str(path), warmup_steps=0, low_memory=low_memory)
+    quiet_trainer(plugins=[plugin], max_steps=1).fit(module, loader(counting_batches(1)))
+    return module
+
+
+def test_auto_low_memory_quantizes_while_loading_and_keeps_the_reports(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_qlora import QLoRAPlugin
+
+    path = _save(tmp_path)
+    reference = QLoRAPlugin()
+    _fit_one_step(path, reference, low_memory=False)  # load, then quantize
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained loads the whole fp32 model; auto should have read it tensor by tensor")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    plugin = QLoRAPlugin()
+    _fit_one_step(path, plugin)
+    (label,) = plugin.quant_reports
+    report, ref = plugin.quant_reports[label], reference.quant_reports[label]
+    assert len(report.quantized) == 14 and report.bytes_after == 53_360  # as pinned in test_quantize
+    assert (report.quantized, report.bytes_before, report.already_quantized) == (ref.quantized, ref.bytes_before, [])
+    errors = {e.name: e.weight_rel_error for e in plugin.quant_errors[label]}
+    assert errors == {e.name: e.weight_rel_error for e in reference.quant_errors[label]}
+
+
+def test_auto_low_memory_loads_fp32_when_the_budget_needs_it(tmp_path, monkeypatch):
+    import lightning_qlora.lowmem as lowmem
+    from lightning_qlora import QLoRAPlugin
+
+    path = _save(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the precision budget measures fp32 weights; auto must not quantize while loading")
+
+    monkeypatch.setattr(lowmem, "load_quantized", refuse)
+    plugin = QLoRAPlugin(keep_high_precision=0.05)
+    _fit_one_step(path, plugin)
+    assert plugin.budget_plans  # planned on the fp32 weights
+
+
+def test_low_memory_value_is_checked():
+    from lightning_qlora import CausalLMModule
+
+    with pytest.raises(ValueError, match=r"low_memory='yes' should be True, False or 'auto'"):
+        CausalLMModule("unused", low_memory="yes")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,10 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
     if emb is not None and getattr(emb, "weight", None) is not None:
-        checksum = float(emb.weight.detach().double().abs().sum())
+        # Row blocks summed in fp64: a whole-table .double().abs() would briefly take 4x the
+        # embedding's size (450 MB on SmolLM2), the peak of an otherwise lean setup.
+        weight = emb.weight.detach()
+        checksum = float(sum(block.abs().sum(dtype=torch.float64) for block in weight.split(4096)))
     return {"model_type": getattr(config, "model_type", type(model).__name__), "config": digest, "embed": checksum}
 
 
@@ -103,9 +107,15 @@ def plain_config(config: Any) -> dict[str, Any]:
     return out
 
 
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Copy ``state`` into the trainable parameters of ``module``, checking every name and shape."""
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+def load_trainable_state(
+    module: nn.Module, state: dict[str, torch.Tensor], path: str, rename: Callable[[str], str] | None = None
+) -> None:
+    """Copy ``state`` into the trainable parameters of ``module``, checking every name and shape.
+
+    ``rename`` maps ``module``'s parameter names to the saved ones (e.g. without FSDP's wrapper infix).
+    """
+    rename = rename or (lambda name: name)
+    params = {rename(name): p for name, p in module.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:

@@ -13,7 +13,7 @@ import ctypes
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ def load_quantized(
     task: str = "causal-lm",
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
+    on_layer: Callable[[str, torch.Tensor, nn.Module], None] | None = None,
     **config_kwargs,
 ) -> tuple[nn.Module, QuantReport]:
     """Load a transformers model with its Linear layers quantized as they are read.
@@ -52,6 +53,7 @@ def load_quantized(
         task: ``"causal-lm"`` or ``"sequence-classification"``.
         device: Where the quantized weights go (CPU by default).
         trust_remote_code: Allow the model's own code (off unless you trust it).
+        on_layer: Called as ``on_layer(name, original_weight, quantized_layer)`` for each layer.
         **config_kwargs: Passed to ``AutoConfig`` (e.g. ``num_labels``).
 
     Returns:
@@ -90,7 +92,11 @@ def load_quantized(
                 pending.setdefault(module_name, {})[leaf] = tensor
                 linear = targets[module_name]
                 if {"weight"} | ({"bias"} if linear.bias is not None else set()) <= pending[module_name].keys():
-                    new = _quantize_one(bnb, linear, pending.pop(module_name), config, compute_dtype, device)
+                    parts = pending.pop(module_name)
+                    new = _quantize_one(bnb, linear, parts, config, compute_dtype, device)
+                    if on_layer is not None:
+                        on_layer(module_name, parts["weight"], new)
+                    del parts
                     parent, _, child = module_name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child, new)
                     report.quantized.append(module_name)

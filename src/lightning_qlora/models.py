@@ -122,13 +122,15 @@ def load_model(
     low_memory: bool = False,
     quant_config=None,
     device: torch.device | str | None = None,
+    on_layer=None,
     **kwargs,
 ):
     """Load a transformers model for ``task`` (``"causal-lm"`` or ``"sequence-classification"``).
 
     Weights load in ``dtype`` on CPU; QLoRAPlugin quantizes and places them at setup. With
     ``low_memory``, Linear layers are quantized (per ``quant_config``, onto ``device``) as they
-    are read instead, so the 16/32-bit model is never in memory at once.
+    are read instead, so the 16/32-bit model is never in memory at once (``on_layer`` sees each
+    layer as it is quantized, as in ``quantize_model``).
     """
     if low_memory:
         if quant_config is None:
@@ -136,7 +138,9 @@ def load_model(
         from lightning_qlora.lowmem import load_quantized
 
         kwargs.pop("num_labels", None) if task == "causal-lm" else None
-        return load_quantized(name_or_path, quant_config, task, device, trust_remote_code, **kwargs)[0]
+        return load_quantized(name_or_path, quant_config, task, device, trust_remote_code, on_layer=on_layer, **kwargs)[
+            0
+        ]
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     classes = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
@@ -149,16 +153,45 @@ def load_model(
         raise _load_error(str(name_or_path), err) from err
 
 
-def low_memory_args(module) -> dict:
-    """``load_model`` arguments for a LightningModule built with ``low_memory=True``.
+def check_low_memory(value: bool | str) -> None:
+    """Refuse a ``low_memory`` value other than ``True``, ``False`` or ``"auto"``."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ValueError(f"low_memory={value!r} should be True, False or 'auto'.")
 
-    The quant config and device come from the Trainer's QLoRAPlugin and strategy, so
-    each DDP rank quantizes straight onto its own device.
+
+def low_memory_args(module) -> dict:
+    """``load_model`` arguments for a LightningModule's ``low_memory`` setting.
+
+    ``True`` quantizes while loading; ``"auto"`` does so whenever the Trainer's QLoRAPlugin
+    does not need the unquantized weights (no ``keep_high_precision``, no LoftQ init) and
+    the model is a local safetensors directory. The quant config and device come from the
+    plugin and strategy, so each DDP rank quantizes straight onto its own device.
     """
-    if not module.hparams.get("low_memory"):
+    wanted = module.hparams.get("low_memory", False)
+    if wanted is False:
         return {}
-    trainer = module.trainer
-    quant_config = getattr(trainer.precision_plugin, "quant_config", None)
-    if quant_config is None:
+    plugin = module.trainer.precision_plugin
+    quant_config = getattr(plugin, "quant_config", None)
+    if wanted == "auto":
+        needs_fp = getattr(plugin, "needs_unquantized_weights", None)
+        if quant_config is None or needs_fp is None or needs_fp() or not _has_safetensors(module._model_name):
+            return {}
+    elif quant_config is None:
         raise ValueError("low_memory=True needs Trainer(plugins=[QLoRAPlugin()]); it quantizes while loading.")
-    return {"low_memory": True, "quant_config": quant_config, "device": trainer.strategy.root_device}
+    hook = getattr(plugin, "loading_hook", None)
+    return {
+        "low_memory": True,
+        "quant_config": quant_config,
+        "device": module.trainer.strategy.root_device,
+        "on_layer": hook() if callable(hook) else None,
+    }
+
+
+def _has_safetensors(name_or_path: str | None) -> bool:
+    if name_or_path is None:
+        return False
+    try:
+        path = Path(resolve_model_path(name_or_path))
+    except (OSError, ValueError):
+        return False
+    return path.is_dir() and any(path.glob("*.safetensors"))

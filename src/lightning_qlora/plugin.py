@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -33,10 +33,10 @@ from lightning_qlora.checkpoint import (
     plain_config,
     trainable_state,
 )
-from lightning_qlora.cpu import pin_mmap_threshold, release_free_memory
+from lightning_qlora.cpu import copy_file_backed, pin_mmap_threshold, release_free_memory
 from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
-from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model
+from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model, quantized_nbytes
 
 log = logging.getLogger(__name__)
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -133,6 +133,8 @@ class QLoRAPlugin(MixedPrecision):
         self._pending_rng: dict[str, Any] | None = None
         # A saved PEFT adapter to start from instead of fresh adapters (set by LoRAAdapters(load_from=...)).
         self.adapter_source: str | None = None
+        # Errors of layers quantized while loading (low_memory), which convert_module then adopts.
+        self._load_recorder: ErrorRecorder | None = None
 
     def __repr__(self) -> str:
         # Lightning quotes the plugin's repr when Trainer gets both precision= and a
@@ -154,13 +156,8 @@ class QLoRAPlugin(MixedPrecision):
         trainer = getattr(module, "_trainer", None)
         device = None
         if trainer is not None:
-            strategy = trainer.strategy
-            if not isinstance(strategy, SUPPORTED_STRATEGIES):
-                raise ValueError(
-                    f"QLoRAPlugin does not support {type(strategy).__name__} yet;"
-                    " use strategy='auto' (one device) or strategy='ddp'."
-                )
-            device = strategy.root_device
+            self._check_strategy(trainer.strategy)
+            device = trainer.strategy.root_device
         show = trainer is None or trainer.is_global_zero
         self._module = module
         for name, model in find_models(module).items():
@@ -184,14 +181,17 @@ class QLoRAPlugin(MixedPrecision):
                 on_layer=_chain(recorder, loftq),
                 int8_modules=promoted,
             )
-            if recorder.errors:
-                self.quant_errors[label] = recorder.errors
-                rank_zero_info(f"QLoRAPlugin: {label}: {summarize(recorder.errors)}")
             if loftq is not None and not report.quantized:
                 raise ValueError(
                     "adapter init='loftq' needs the unquantized weights, but the model came already quantized"
                     " (e.g. low_memory=True); load it unquantized, or use init='default'."
                 )
+            if not report.quantized and self._load_recorder is not None:
+                recorder, self._load_recorder = self._load_recorder, None
+                _adopt_loaded(report, recorder.errors, model)
+            if recorder.errors:
+                self.quant_errors[label] = recorder.errors
+                rank_zero_info(f"QLoRAPlugin: {label}: {summarize(recorder.errors)}")
             self._set_precision(report.compute_dtype, report.device)
             if report.quantized:
                 self.quant_reports[label] = report
@@ -215,10 +215,32 @@ class QLoRAPlugin(MixedPrecision):
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")
             self._cast_frozen(model, report.compute_dtype)
         if self.device == "cpu" and self.cpu_release_memory:
+            # The embedding's view of the mapped checkpoint would keep every page read resident.
+            copied = copy_file_backed(module)
+            if copied:
+                log.debug("QLoRAPlugin: copied %d bytes of file-backed weights to let the mapping go", copied)
             # Loading and quantizing leave the fp32 weights' freed pages on the heap.
             gc.collect()
             release_free_memory()
         return module
+
+    def _check_strategy(self, strategy: Any) -> None:
+        if not isinstance(strategy, SUPPORTED_STRATEGIES) or isinstance(strategy, FSDPStrategy):
+            raise ValueError(
+                f"QLoRAPlugin does not support {type(strategy).__name__};"
+                " use strategy='auto' (one device) or strategy='ddp', or for FSDP:"
+                " Trainer(strategy=QLoRAFSDPStrategy(), plugins=[QLoRAFSDPPlugin()]) (trainer=fsdp in the CLI)."
+            )
+
+    def needs_unquantized_weights(self) -> bool:
+        """Whether setup reads the fp32 weights: the precision budget and LoftQ do, so no low-memory load."""
+        fresh = self.adapter_source is None
+        return bool(self.keep_high_precision) or (fresh and self.adapter_config.init == "loftq")
+
+    def loading_hook(self) -> ErrorRecorder:
+        """An ``on_layer`` hook for quantizing while loading, whose errors the plugin then reports."""
+        self._load_recorder = ErrorRecorder()
+        return self._load_recorder
 
     def _set_precision(self, compute_dtype: torch.dtype, device: torch.device) -> None:
         self.compute_dtype = compute_dtype
@@ -327,6 +349,17 @@ class QLoRAPlugin(MixedPrecision):
         if self.scaler is not None and "scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["scaler"])
         self._pending_rng = state_dict.get("rng")
+
+
+def _adopt_loaded(report: QuantReport, errors: list[LayerError], model: nn.Module) -> None:
+    """Fill ``report`` with the layers quantized while loading (``low_memory``), as if quantized here."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    errors.sort(key=lambda e: order.get(e.name, len(order)))  # file order -> model order
+    for error in errors:
+        report.quantized.append(error.name)
+        report.bytes_before += error.numel * 4  # lowmem reads every weight as fp32
+        report.bytes_after += quantized_nbytes(model.get_submodule(error.name))
+    report.already_quantized = [n for n in report.already_quantized if n not in set(report.quantized)]
 
 
 def _chain(*hooks):

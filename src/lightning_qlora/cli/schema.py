@@ -42,7 +42,7 @@ RULES: tuple[Rule, ...] = (
     ("seed", _int(0), "an integer >= 0"),
     ("overwrite", _bool, "true or false"),
     ("model.trust_remote_code", _bool, "true or false (false unless you trust the model's code)"),
-    ("model.low_memory", _bool, "true or false"),
+    ("model.low_memory", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
     ("quant.type", _one_of("nf4", "fp4", "int8"), "one of nf4, fp4, int8"),
     ("quant.double_quant", _bool, "true or false"),
     ("quant.compute_dtype", _one_of("auto", "bf16", "fp16", "fp32"), "one of auto, bf16, fp16, fp32"),

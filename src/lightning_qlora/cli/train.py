@@ -179,7 +179,7 @@ def build_data(cfg: DictConfig, task: Task, tokenizer, splits: dict[str, list[di
 def build_module(cfg: DictConfig, task: Task) -> L.LightningModule:
     t = cfg.trainer
     optim = dict(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, optimizer=t.optimizer)
-    optim["low_memory"] = bool(cfg.model.get("low_memory", False))
+    optim["low_memory"] = cfg.model.get("low_memory", "auto")
     if task.kind == "classify":
         names = task.label_names
         return SequenceClassificationModule(cfg.model.name_or_path, num_labels=len(names), label_names=names, **optim)

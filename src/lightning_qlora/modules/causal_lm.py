@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_qlora.metrics import TokenMetrics, answer_positions, reset_outside_inference, token_stats
-from lightning_qlora.models import DEFAULT_MODEL, load_model, low_memory_args
+from lightning_qlora.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
@@ -65,7 +65,8 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: Final LR as a fraction of ``lr``.
         optimizer: ``"adamw"``, or ``"paged_adamw_8bit"`` (CUDA only).
         low_memory: Quantize while loading ``model`` (a path), so the 16/32-bit model is never
-            in host memory at once; needs QLoRAPlugin.
+            in host memory at once; needs QLoRAPlugin. ``"auto"`` does so unless the plugin needs
+            the unquantized weights (``keep_high_precision``, LoftQ) or the model has no safetensors.
     """
 
     def __init__(
@@ -76,12 +77,13 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
-        low_memory: bool = False,
+        low_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
         self.strict_loading = False
         check_optim_args(optimizer, lr, weight_decay, warmup_steps, min_lr_ratio)
+        check_low_memory(low_memory)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = model.train() if isinstance(model, nn.Module) else None
         self._model_name = None if isinstance(model, nn.Module) else str(model)

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from typing_extensions import override
 
 from lightning_qlora.metrics import reset_outside_inference
-from lightning_qlora.models import DEFAULT_MODEL, load_model, low_memory_args
+from lightning_qlora.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
 
@@ -41,7 +41,7 @@ class SequenceClassificationModule(L.LightningModule):
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
-        low_memory: bool = False,
+        low_memory: bool | str = "auto",
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
@@ -51,6 +51,7 @@ class SequenceClassificationModule(L.LightningModule):
         if label_names and len(label_names) != num_labels:
             raise ValueError(f"label_names has {len(label_names)} names for num_labels={num_labels}.")
         check_optim_args(optimizer, lr, weight_decay, warmup_steps, min_lr_ratio)
+        check_low_memory(low_memory)
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = model.train() if isinstance(model, nn.Module) else None
         self._model_name = None if isinstance(model, nn.Module) else str(model)
