@@ -5,6 +5,7 @@ trainer = L.Trainer(plugins=[QLoRAPlugin()], callbacks=[LoRAAdapters(r=16)])
 
 from lightning_qlora.adapters import AdapterConfig, add_adapters
 from lightning_qlora.callbacks import LoRAAdapters
+from lightning_qlora.fsdp import QLoRAFSDPPlugin, QLoRAFSDPStrategy
 from lightning_qlora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lightning_qlora.modules import CausalLMModule
 from lightning_qlora.plugin import QLoRAPlugin
@@ -18,6 +19,8 @@ __all__ = [
     "AdapterConfig",
     "CausalLMModule",
     "LoRAAdapters",
+    "QLoRAFSDPPlugin",
+    "QLoRAFSDPStrategy",
     "QLoRAPlugin",
     "QuantConfig",
     "add_adapters",

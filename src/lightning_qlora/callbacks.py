@@ -105,13 +105,17 @@ class LoRAAdapters(Callback):
         plugin = trainer.precision_plugin
         if not isinstance(plugin, QLoRAPlugin) or not plugin.peft_models:
             raise RuntimeError("No adapters to export: run trainer.fit with QLoRAPlugin first.")
+        # Sharded (FSDP) adapters are gathered to rank zero first, which every rank takes part in.
+        gather = getattr(plugin, "gather_trainable", None)
+        gathered = gather() if callable(gather) else {}
         if not trainer.is_global_zero:
             return []
         directory = Path(directory)
         written = []
         for label, peft_model in plugin.peft_models.items():
             target = directory if len(plugin.peft_models) == 1 else directory / label
-            save_adapter(peft_model, target, plugin.quant_config, int8_modules=plugin.promoted(label))
+            state = gathered.get(label)
+            save_adapter(peft_model, target, plugin.quant_config, int8_modules=plugin.promoted(label), state_dict=state)
             written.append(target)
             rank_zero_info(f"LoRAAdapters: exported {label} adapter (PEFT format) to {target}")
         return written

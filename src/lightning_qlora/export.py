@@ -48,11 +48,19 @@ def save_adapter(
     directory: str | os.PathLike,
     quant: QuantConfig,
     int8_modules: tuple[str, ...] = (),
+    state_dict: dict[str, torch.Tensor] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write ``peft_model``'s adapter in PEFT format plus ``lightning_qlora.json``."""
+    """Write ``peft_model``'s adapter in PEFT format plus ``lightning_qlora.json``.
+
+    ``state_dict``: the adapter's tensors by their file keys, when the model's parameters are
+    not whole (FSDP shards them; ``QLoRAFSDPPlugin.gather_trainable`` gives this).
+    """
     directory = Path(directory)
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    if state_dict is None:
+        peft_model.save_pretrained(str(directory), safe_serialization=True)
+    else:
+        _save_gathered(peft_model, directory, state_dict)
     base = peft_model.get_base_model()
     meta = {
         "format": 1,
@@ -70,6 +78,20 @@ def save_adapter(
     }
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return directory
+
+
+def _save_gathered(peft_model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT's adapter files from tensors already keyed as PEFT saves them."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(contiguous, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:

@@ -46,7 +46,7 @@ RULES: tuple[Rule, ...] = (
     ("quant.type", _one_of("nf4", "fp4", "int8"), "one of nf4, fp4, int8"),
     ("quant.double_quant", _bool, "true or false"),
     ("quant.compute_dtype", _one_of("auto", "bf16", "fp16", "fp32"), "one of auto, bf16, fp16, fp32"),
-    ("quant.quant_storage", _one_of("uint8", "bf16", "fp16", "fp32"), "one of uint8, bf16, fp16, fp32"),
+    ("quant.quant_storage", _one_of("auto", "uint8", "bf16", "fp16", "fp32"), "one of auto, uint8, bf16, fp16, fp32"),
     (
         "quant.keep_high_precision",
         lambda v: v is None or _num(0, strict=True, high=1)(v),
@@ -71,7 +71,11 @@ RULES: tuple[Rule, ...] = (
     ("trainer.gradient_clip_val", lambda v: v is None or _num(0)(v), "a number >= 0, or null"),
     ("trainer.devices", lambda v: v == "auto" or _int(1)(v), "an integer >= 1, or auto"),
     ("trainer.num_nodes", _int(1), "an integer >= 1"),
-    ("trainer.strategy", _one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"), "auto or ddp"),
+    (
+        "trainer.strategy",
+        _one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"),
+        "auto, ddp or fsdp (trainer=ddp, trainer=fsdp)",
+    ),
     ("data.batch_size", _int(1), "an integer >= 1"),
     ("data.max_length", _int(16), "an integer >= 16 (tokens)"),
     ("data.val_fraction", _num(0, strict=True, high=1), "in (0, 1), e.g. 0.2"),
@@ -92,7 +96,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
     if get("quant.type") == "int8" and get("quant.compute_dtype") == "bf16":
         problems.append("quant.type=int8 cannot compute in bf16; use quant.compute_dtype=fp16, fp32 or auto")
-    if get("quant.type") == "int8" and get("quant.quant_storage") not in (None, "uint8"):
+    if get("quant.type") == "int8" and get("quant.quant_storage") not in (None, "auto", "uint8"):
         problems.append("quant.quant_storage applies to 4-bit types only; keep uint8 with int8")
     if get("quant.keep_high_precision") is not None and get("quant.type") == "int8":
         problems.append("quant.keep_high_precision promotes 4-bit layers to int8; use it with nf4 or fp4")
@@ -111,7 +115,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"trainer.devices={devices} CPU processes is more than this machine's {cores} cores")
     strategy = get("trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith("fsdp") and get("quant.quant_storage") == "uint8":
-        problems.append("FSDP can only shard float storage: set quant.quant_storage=bf16 with trainer.strategy=fsdp")
+        problems.append("FSDP can only shard float storage: set quant.quant_storage=auto (or bf16) with trainer=fsdp")
     return problems
 
 

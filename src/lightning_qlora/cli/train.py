@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.adapters import AdapterConfig
@@ -32,6 +32,7 @@ from lightning_qlora.data import (
 )
 from lightning_qlora.export import quant_config_of, update_metadata
 from lightning_qlora.faults import FaultGuard
+from lightning_qlora.fsdp import QLoRAFSDPPlugin, QLoRAFSDPStrategy
 from lightning_qlora.generation import generate
 from lightning_qlora.models import load_tokenizer
 from lightning_qlora.modules import CausalLMModule, SequenceClassificationModule
@@ -201,15 +202,34 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
         a.use_rslora,
         a.init,
     )
-    return QLoRAPlugin(
-        q.type,
-        q.double_quant,
-        q.compute_dtype,
-        q.quant_storage,
-        list(q.skip_modules),
-        adapters,
+    kwargs = dict(
+        quant_type=q.type,
+        double_quant=q.double_quant,
+        compute_dtype=q.compute_dtype,
+        skip_modules=list(q.skip_modules),
+        adapters=adapters,
         keep_high_precision=q.get("keep_high_precision"),
     )
+    storage = q.get("quant_storage", "auto")
+    if _is_fsdp(cfg):
+        return QLoRAFSDPPlugin(quant_storage=storage, **kwargs)
+    return QLoRAPlugin(quant_storage="uint8" if storage == "auto" else storage, **kwargs)
+
+
+def _is_fsdp(cfg: DictConfig) -> bool:
+    strategy = cfg.trainer.get("strategy")
+    return isinstance(strategy, str) and strategy.startswith("fsdp")
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """Lightning's strategy name as given; ``fsdp`` becomes QLoRAFSDPStrategy (the 4-bit base needs it)."""
+    if not _is_fsdp(cfg):
+        return cfg.trainer.strategy
+    if cfg.trainer.strategy != "fsdp":
+        raise ValueError(
+            f"trainer.strategy={cfg.trainer.strategy!r}: QLoRA shards with 'fsdp' (full sharding); use trainer=fsdp."
+        )
+    return QLoRAFSDPStrategy()
 
 
 _NEVER = 10**9  # epochs; Lightning takes no "off" value for check_val_every_n_epoch
@@ -233,7 +253,7 @@ def build_trainer(cfg: DictConfig, out: Path, log_version: str = "") -> L.Traine
             accelerator=t.accelerator,
             devices=t.devices,
             num_nodes=t.num_nodes,
-            strategy=t.strategy,
+            strategy=build_strategy(cfg),
             max_steps=t.max_steps,
             val_check_interval=t.val_check_interval,
             # No interval: no validation inside fit (run() validates before and after it), so an
@@ -260,7 +280,10 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
     validate_config(cfg)
     out = Path(out or cfg.output_dir)
     ckpt = resolve_resume(cfg.get("resume"), out, build_plugin(cfg))
-    check_output_dir(out, cfg.overwrite, resuming=str(cfg.get("resume")) in ("last", "auto"))
+    if rank_zero_only.rank == 0:
+        # Other ranks start after rank 0 (Lightning's launcher) or beside it (torchrun, SLURM),
+        # so they would find this run's own files: the check is rank 0's.
+        check_output_dir(out, cfg.overwrite, resuming=str(cfg.get("resume")) in ("last", "auto"))
     L.seed_everything(cfg.seed, verbose=False)
     task = get_task(cfg.data.task)
     splits, source = load_splits(cfg.data, task, cfg.seed)
@@ -298,6 +321,10 @@ def _run_stages(
 ) -> dict[str, Any]:
     """Validate (before), fit, validate and test (after), then write the report."""
     samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
+    if samples and _is_fsdp(cfg):
+        # generate() runs the inner model, outside FSDP's root unit, whose weights stay sharded.
+        rank_zero_info("sample_prompts: skipped under FSDP; run `python -m lightning_qlora generate` on the adapter")
+        samples = []
     before = trainer.validate(module, dm, verbose=False)[0]
     confusion_before = getattr(module, "confusion", {}).get("val")
     answers_before = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
@@ -352,7 +379,7 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
         q.quant_type if q else quant.type,
         q.double_quant if q else quant.double_quant,
         quant.compute_dtype,
-        q.quant_storage if q else quant.quant_storage,
+        q.quant_storage if q else ("uint8" if quant.quant_storage == "auto" else quant.quant_storage),
         list(q.skip_modules if q else quant.skip_modules),
         int8_modules=(meta.get("quant") or {}).get("int8_modules", ()),
     )
