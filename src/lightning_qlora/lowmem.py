@@ -9,7 +9,6 @@ unquantized parts (embeddings, norms, heads) plus one tensor.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_qlora._bnb import require_bitsandbytes
+from lightning_qlora.cpu import release_free_memory
 from lightning_qlora.quantize import (
     QuantConfig,
     QuantReport,
@@ -102,7 +102,7 @@ def load_quantized(
                     report.quantized.append(module_name)
                     report.bytes_before += linear.in_features * linear.out_features * 4
                     report.bytes_after += quantized_nbytes(new)
-                    _release_freed_memory()
+                    release_free_memory()  # glibc keeps freed pages otherwise, and they count as RSS
             else:
                 _assign(model, module_name, leaf, tensor)
     model.tie_weights()
@@ -160,21 +160,6 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
             tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(info["shape"])
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and they count as RSS)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def _quantize_one(
