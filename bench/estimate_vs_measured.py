@@ -149,28 +149,11 @@ def run_child(args: list[str], allocator: str) -> dict:
 
 
 def machine_info() -> dict:
-    import bitsandbytes
-    import lightning
-    import peft
-    import torch
-    import transformers
+    """bench.common's machine record, plus what this script's figures depend on."""
+    sys.path.insert(0, str(ROOT))
+    from bench.common import machine_info as common_machine_info
 
-    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    mem = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu.group(1) if cpu else platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "mem_total_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-        "libc": " ".join(platform.libc_ver()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "bitsandbytes": bitsandbytes.__version__,
-        "peft": peft.__version__,
-        "lightning": lightning.__version__,
-        "threads": 1,
-    }
+    return {**common_machine_info(), "libc": " ".join(platform.libc_ver()), "threads": 1}
 
 
 def main() -> int:

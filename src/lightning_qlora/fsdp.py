@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.checkpoint import META_KEY, check_meta
+from lightning_qlora.checkpoint import META_KEY
 from lightning_qlora.plugin import QLoRAPlugin, find_models
 
 FSDP_INFIX = "_fsdp_wrapped_module."
@@ -73,9 +73,9 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
         # PEFT names the adapter's tensors by inspecting the model, which FSDP's state-dict hooks
         # turn into collectives; so learn the names now, while the model is whole.
         self._adapter_keys = {label: _adapter_keys(m) for label, m in self.peft_models.items()}
-        storage = self.quant_config.quant_storage
         for model in find_models(module).values():
-            _cast_frozen_to(model, storage)
+            # One dtype per FSDP unit: norms too go to a 16-bit storage dtype.
+            self._cast_frozen(model, self.quant_config.quant_storage, keep_norms=False)
         return module
 
     @override
@@ -107,15 +107,9 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._module is None:
-            return
-        path = str(getattr(self._module.trainer, "ckpt_path", None) or "checkpoint")
-        if META_KEY not in checkpoint:
-            raise ValueError(
-                f"{path} is not an adapter-only lightning-qlora checkpoint (no {META_KEY!r} entry);"
-                " resume from a checkpoint written by a QLoRAPlugin run."
-            )
-        check_meta(checkpoint[META_KEY], self.checkpoint_meta(), path)
+        # Only the check: QLoRAFSDPStrategy.load_checkpoint loads the weights, into the shards.
+        if self._module is not None:
+            self.check_checkpoint(checkpoint)
 
     def gather_trainable(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each model's adapter, whole, by PEFT's file keys, on rank 0 (empty elsewhere); all ranks call it."""
@@ -291,13 +285,3 @@ def _is_wrapped(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     return any(isinstance(m, FSDP) for m in module.modules())
-
-
-def _cast_frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen float weights outside the 4-bit layers (norms, embeddings, heads) to the storage dtype."""
-    if dtype == torch.float32:
-        return
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not param.requires_grad and param.is_floating_point() and type(param) is nn.Parameter:
-                param.data = param.data.to(dtype)

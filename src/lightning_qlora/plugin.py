@@ -252,7 +252,7 @@ class QLoRAPlugin(MixedPrecision):
             self.scaler = torch.amp.GradScaler(device="cuda")
 
     @staticmethod
-    def _cast_frozen(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    def _cast_frozen(model: nn.Module, compute_dtype: torch.dtype, keep_norms: bool = True) -> None:
         """Keep frozen float weights (embeddings, heads) in the 16-bit compute dtype.
 
         Norms stay fp32 and trainable weights keep fp32 master copies; on CPU the
@@ -261,7 +261,7 @@ class QLoRAPlugin(MixedPrecision):
         if compute_dtype == torch.float32:
             return
         for module in model.modules():
-            if "norm" in type(module).__name__.lower():
+            if keep_norms and "norm" in type(module).__name__.lower():
                 continue
             for param in module.parameters(recurse=False):
                 if not param.requires_grad and param.dtype == torch.float32 and type(param) is nn.Parameter:
@@ -328,6 +328,11 @@ class QLoRAPlugin(MixedPrecision):
         """
         if self._module is None:
             return
+        path = self.check_checkpoint(checkpoint)
+        load_trainable_state(self._module, checkpoint["state_dict"], path)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> str:
+        """Raise unless ``checkpoint`` is ours and matches this run's base, quantization and adapter; its path."""
         path = str(getattr(self._module.trainer, "ckpt_path", None) or "checkpoint")
         if META_KEY not in checkpoint:
             raise ValueError(
@@ -335,7 +340,7 @@ class QLoRAPlugin(MixedPrecision):
                 " resume from a checkpoint written by a QLoRAPlugin run."
             )
         check_meta(checkpoint[META_KEY], self.checkpoint_meta(), path)
-        load_trainable_state(self._module, checkpoint["state_dict"], path)
+        return path
 
     @override
     def state_dict(self) -> dict[str, Any]:

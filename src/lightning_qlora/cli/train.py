@@ -210,26 +210,23 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
         adapters=adapters,
         keep_high_precision=q.get("keep_high_precision"),
     )
-    storage = q.get("quant_storage", "auto")
     if _is_fsdp(cfg):
-        return QLoRAFSDPPlugin(quant_storage=storage, **kwargs)
-    return QLoRAPlugin(quant_storage="uint8" if storage == "auto" else storage, **kwargs)
+        return QLoRAFSDPPlugin(quant_storage=q.get("quant_storage", "auto"), **kwargs)
+    return QLoRAPlugin(quant_storage=_unsharded_storage(q.get("quant_storage", "auto")), **kwargs)
+
+
+def _unsharded_storage(storage: str) -> str:
+    """``quant.quant_storage=auto`` without FSDP: packed bytes as uint8, bitsandbytes' own default."""
+    return "uint8" if storage == "auto" else storage
 
 
 def _is_fsdp(cfg: DictConfig) -> bool:
-    strategy = cfg.trainer.get("strategy")
-    return isinstance(strategy, str) and strategy.startswith("fsdp")
+    return cfg.trainer.get("strategy") == "fsdp"
 
 
 def build_strategy(cfg: DictConfig) -> Any:
     """Lightning's strategy name as given; ``fsdp`` becomes QLoRAFSDPStrategy (the 4-bit base needs it)."""
-    if not _is_fsdp(cfg):
-        return cfg.trainer.strategy
-    if cfg.trainer.strategy != "fsdp":
-        raise ValueError(
-            f"trainer.strategy={cfg.trainer.strategy!r}: QLoRA shards with 'fsdp' (full sharding); use trainer=fsdp."
-        )
-    return QLoRAFSDPStrategy()
+    return QLoRAFSDPStrategy() if _is_fsdp(cfg) else cfg.trainer.strategy
 
 
 _NEVER = 10**9  # epochs; Lightning takes no "off" value for check_val_every_n_epoch
@@ -379,7 +376,7 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
         q.quant_type if q else quant.type,
         q.double_quant if q else quant.double_quant,
         quant.compute_dtype,
-        q.quant_storage if q else ("uint8" if quant.quant_storage == "auto" else quant.quant_storage),
+        q.quant_storage if q else _unsharded_storage(quant.quant_storage),
         list(q.skip_modules if q else quant.skip_modules),
         int8_modules=(meta.get("quant") or {}).get("int8_modules", ()),
     )
