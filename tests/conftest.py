@@ -16,6 +16,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 VOCAB = 64
 SEQ = 16
 
+# What Lightning's distributed setup writes into os.environ. A test that sets up a strategy in
+# this process leaves MASTER_PORT behind, still bound here, and every 2-process run launched
+# afterwards (DDP, FSDP, train.py) inherits it and fails with EADDRINUSE.
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_distributed_env():
+    before = {key: os.environ.get(key) for key in _DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
