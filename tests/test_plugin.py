@@ -164,3 +164,18 @@ def test_cpu_precision_is_fp32(tiny_llama):
     trainer.fit(CausalLMModule(tiny_llama), loader(counting_batches(1)))
     assert plugin.compute_dtype == torch.float32 and plugin.precision == "32-true"
     assert tiny_llama.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.float32
+
+
+def test_cpu_reuse_of_the_recompute_changes_no_loss():
+    from transformers import LlamaForCausalLM
+
+    runs = {}
+    for reuse in (False, True):
+        L.seed_everything(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        module = CausalLMModule(model, lr=1e-2, warmup_steps=5)
+        adapters = LoRAAdapters(r=8, alpha=16, dropout=0.1, gradient_checkpointing=True)
+        _, runs[reuse] = _fit(module, [adapters], steps=6, cpu_reuse_recompute=reuse)
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert ({"ReuseLinear4bit", "ReplayDropout"} <= kinds) == reuse
+    assert runs[True] == runs[False]  # every loss, bit for bit (dropout on: the masks are replayed)

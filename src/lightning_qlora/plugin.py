@@ -37,6 +37,7 @@ from lightning_qlora.cpu import copy_file_backed, pin_mmap_threshold, release_fr
 from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model, quantized_nbytes
+from lightning_qlora.recompute import reuse_recomputation
 
 log = logging.getLogger(__name__)
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -81,6 +82,10 @@ class QLoRAPlugin(MixedPrecision):
             a lower peak RSS at large batches for slower steps (see ``lightning_qlora.cpu``).
         cpu_release_memory: On CPU, hand freed heap pages back to the OS after setup and after
             each optimizer step (``malloc_trim``), so RSS does not creep between steps.
+        cpu_reuse_recompute: On CPU with gradient checkpointing, let the backward use the dense
+            weights dequantized in the recompute, and replay the forward's LoRA dropout masks there,
+            instead of computing both again: the same results bit for bit, in fewer operations
+            (``lightning_qlora.recompute``). ``False`` runs stock bitsandbytes and PEFT layers.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class QLoRAPlugin(MixedPrecision):
         int8_modules: Sequence[str] = (),
         cpu_mmap_threshold: int | None = None,
         cpu_release_memory: bool = True,
+        cpu_reuse_recompute: bool = True,
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
@@ -119,6 +125,7 @@ class QLoRAPlugin(MixedPrecision):
             )
         self.cpu_mmap_threshold = cpu_mmap_threshold
         self.cpu_release_memory = cpu_release_memory
+        self.cpu_reuse_recompute = cpu_reuse_recompute
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -197,6 +204,7 @@ class QLoRAPlugin(MixedPrecision):
                 self.quant_reports[label] = report
                 rank_zero_info(f"QLoRAPlugin: {label}: {report.summary()}")
             if getattr(model, "peft_config", None):
+                self._reuse_recompute(model)
                 continue  # adapters already there: a second fit/validate/test on the same module
             if self.adapter_source is not None:
                 peft_model, adapter_report = load_adapters(
@@ -214,6 +222,7 @@ class QLoRAPlugin(MixedPrecision):
             self.adapter_reports[label] = adapter_report
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")
             self._cast_frozen(model, report.compute_dtype)
+            self._reuse_recompute(model)
         if self.device == "cpu" and self.cpu_release_memory:
             # The embedding's view of the mapped checkpoint would keep every page read resident.
             copied = copy_file_backed(module)
@@ -223,6 +232,12 @@ class QLoRAPlugin(MixedPrecision):
             gc.collect()
             release_free_memory()
         return module
+
+    def _reuse_recompute(self, model: nn.Module) -> None:
+        if self.device == "cpu" and self.cpu_reuse_recompute:
+            layers, dropouts = reuse_recomputation(model)
+            if layers or dropouts:
+                log.debug("QLoRAPlugin: %d 4-bit layers and %d dropouts reuse the recompute", layers, dropouts)
 
     def _check_strategy(self, strategy: Any) -> None:
         if not isinstance(strategy, SUPPORTED_STRATEGIES) or isinstance(strategy, FSDPStrategy):

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_qlora.adapters import ALL_LINEAR, AdapterConfig, add_adapters
 from lightning_qlora.quantize import QuantConfig, quantize_model
+from lightning_qlora.recompute import reuse_recomputation
 
 _BITS = {4: "nf4", 8: "int8"}
 
@@ -29,6 +30,7 @@ def prepare(
     skip_modules: Sequence[str] = (),
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
+    reuse_recompute: bool = True,
     verbose: bool = True,
 ):
     """Quantize ``model``'s frozen base and add LoRA adapters, in place.
@@ -44,6 +46,8 @@ def prepare(
         model: The model to prepare; its layers are replaced in place.
         bits: 4 (NF4 unless ``quant_type`` says ``"fp4"``) or 8 (LLM.int8()).
         device: Where to quantize; defaults to where the weights are.
+        reuse_recompute: On CPU with checkpointing, dequantize and draw dropout masks once less
+            per step, with bit-identical results (``lightning_qlora.recompute``).
         verbose: Print what was quantized and the trainable parameter count.
         Others: as in :class:`~lightning_qlora.quantize.QuantConfig` and
             :class:`~lightning_qlora.adapters.AdapterConfig`.
@@ -60,6 +64,8 @@ def prepare(
     adapters = AdapterConfig(r, alpha, dropout, target_modules, tuple(modules_to_save), gradient_checkpointing)
     quant_report = quantize_model(model, quant, device)
     peft_model, adapter_report = add_adapters(model, adapters)
+    if reuse_recompute:
+        reuse_recomputation(model)
     if verbose:
         print(quant_report.summary())
         print(adapter_report.summary())
