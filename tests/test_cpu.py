@@ -19,14 +19,14 @@ glibc_only = pytest.mark.skipif(
 )
 
 
-def _fragment() -> tuple[list, list]:
-    """~188 MiB of 32 KiB heap blocks, each followed by a small live block that pins the heap around it.
+def _fragment(count: int = 6000) -> tuple[list, list]:
+    """``count`` 32 KiB heap blocks (6000: ~188 MiB), each followed by a small live block that pins the heap.
 
     32 KiB stays under any mmap threshold, so the blocks land on the heap; once they are freed,
     the live blocks between them stop glibc from shrinking the heap by itself.
     """
     blocks, keep = [], []
-    for _ in range(6000):
+    for _ in range(count):
         blocks.append(np.ones(32 * 1024 // 8))
         keep.append(np.ones(256))  # 2 KiB: above numpy's small-buffer cache, so from malloc
     return blocks, keep
@@ -81,14 +81,15 @@ def test_large_buffer_pinning_is_opt_in(threshold, mapped):
 
 
 class _Fragment(L.Callback):
-    """Frees a fragmented ~188 MiB before each optimizer step; records RSS before and after it."""
+    """At step 1 only, frees a fragmented ~470 MiB before the optimizer step; records RSS around the step's end."""
 
     def __init__(self):
         self.drops = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        blocks, self.keep = _fragment()
-        del blocks
+        if trainer.global_step == 1:
+            blocks, self.keep = _fragment(15000)
+            del blocks
         self.before = _rss_mib()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -97,7 +98,7 @@ class _Fragment(L.Callback):
 
 @glibc_only
 @pytest.mark.parametrize("release", [True, False])
-def test_freed_heap_pages_leave_rss_after_each_step(tiny_llama, release):
+def test_heap_is_trimmed_when_rss_creeps_not_every_step(tiny_llama, release):
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -110,21 +111,37 @@ def test_freed_heap_pages_leave_rss_after_each_step(tiny_llama, release):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
     probe = _Fragment()
+    plugin = QLoRAPlugin(cpu_release_memory=release)
     trainer = L.Trainer(
         accelerator="cpu",
-        plugins=[QLoRAPlugin(cpu_release_memory=release)],
+        plugins=[plugin],
         callbacks=[probe],
-        max_steps=2,
+        max_steps=3,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Module(), DataLoader([torch.randint(0, 16, (1, 8)) for _ in range(2)], batch_size=None))
+    trainer.fit(Module(), DataLoader([torch.randint(0, 16, (1, 8)) for _ in range(3)], batch_size=None))
     if release:
-        assert min(probe.drops) > 100, probe.drops
+        # Step 1's freed 470 MiB put RSS over 1.25x its lowest point: trimmed once, not at steps 0 and 2.
+        assert plugin._creep_guard.trims == 1
+        assert probe.drops[1] > 300 and max(probe.drops[0], probe.drops[2]) < 50, probe.drops
     else:
+        assert plugin._creep_guard.trims == 0
         assert max(probe.drops) < 50, probe.drops
+
+
+def test_creep_guard_trims_only_above_its_growth_factor(monkeypatch):
+    readings = iter([1000, 1100, 1300, 900, 1100, 1200])
+    trimmed_at = []
+    monkeypatch.setattr(cpu, "rss_bytes", lambda: next(readings))
+    monkeypatch.setattr(cpu, "release_free_memory", lambda: trimmed_at.append(len(trimmed_at)) or True)
+    guard = cpu.CreepGuard(growth=1.25)
+    results = [guard.after_step() for _ in range(6)]
+    # 1300 > 1.25 x 1000 trims; 900 lowers the floor, so 1200 > 1125 trims again.
+    assert results == [False, False, True, False, False, True]
+    assert guard.trims == 2 and guard.floor == 900
 
 
 def test_bad_threshold():

@@ -33,7 +33,7 @@ from lightning_qlora.checkpoint import (
     plain_config,
     trainable_state,
 )
-from lightning_qlora.cpu import copy_file_backed, pin_mmap_threshold, release_free_memory
+from lightning_qlora.cpu import CreepGuard, copy_file_backed, pin_mmap_threshold, release_free_memory
 from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model, quantized_nbytes
@@ -80,8 +80,9 @@ class QLoRAPlugin(MixedPrecision):
         int8_modules: Layers to quantize to int8 as given (e.g. the plan a saved adapter was trained with).
         cpu_mmap_threshold: On CPU, pin glibc's mmap threshold to this many bytes (e.g. ``65536``):
             a lower peak RSS at large batches for slower steps (see ``lightning_qlora.cpu``).
-        cpu_release_memory: On CPU, hand freed heap pages back to the OS after setup and after
-            each optimizer step (``malloc_trim``), so RSS does not creep between steps.
+        cpu_release_memory: On CPU, hand freed heap pages back to the OS (``malloc_trim``) after
+            setup, and after an optimizer step when RSS has crept 25% above its lowest point after
+            a step, so that it does not creep.
         cpu_reuse_recompute: On CPU with gradient checkpointing, let the backward use the dense
             weights dequantized in the recompute, and replay the forward's LoRA dropout masks there,
             instead of computing both again: the same results bit for bit, in fewer operations
@@ -125,6 +126,7 @@ class QLoRAPlugin(MixedPrecision):
             )
         self.cpu_mmap_threshold = cpu_mmap_threshold
         self.cpu_release_memory = cpu_release_memory
+        self._creep_guard = CreepGuard()
         self.cpu_reuse_recompute = cpu_reuse_recompute
         self.precision = "32-true"
         self.device = "cpu"
@@ -307,9 +309,8 @@ class QLoRAPlugin(MixedPrecision):
     def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
         result = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         if self.device == "cpu" and self.cpu_release_memory:
-            # The step's activations are freed by now; without this, glibc keeps their pages
-            # resident and RSS grows past the estimate (lightning_qlora.cpu has the figures).
-            release_free_memory()
+            # Only when RSS crept up: trimming every step re-faults the next step's activations.
+            self._creep_guard.after_step()
         return result
 
     def checkpoint_meta(self) -> dict[str, Any]:
