@@ -101,6 +101,7 @@ def run_speed(args: argparse.Namespace, model: str, device: str) -> dict[str, An
     common += ["--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed)]
     common += ["--threads", str(args.threads), "--gc" if args.gc else "--no-gc", "--peer-cpu-bf16", args.peer_cpu_bf16]
     common += ["--peer-gc", args.peer_gc, "--mmap-threshold", args.mmap_threshold]
+    common += ["--reuse" if args.reuse else "--no-reuse"]
     records: dict[str, list[dict]] = {"ours": [], "peer": []}
     start = loadavg()
     for i, side in enumerate(alternating(args.runs, ("ours", "peer"))):
@@ -127,6 +128,7 @@ def run_speed(args: argparse.Namespace, model: str, device: str) -> dict[str, An
         "peer_cpu_bf16": args.peer_cpu_bf16,
         "peer_gc": args.peer_gc,
         "mmap_threshold": args.mmap_threshold,
+        "reuse_recompute": args.reuse,
         "loadavg_start": start,
         "loadavg_end": loadavg(),
     }
@@ -216,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--peer-gc", choices=("default", "non-reentrant"), default="default", help="peer's checkpointing"
         )
         p.add_argument("--profile", help="folder for torch.profiler tables of each side's first run")
+        p.add_argument(
+            "--reuse",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="ours: reuse the checkpoint recompute's dequantized weights and dropout masks (as shipped)",
+        )
         p.add_argument(
             "--mmap-threshold",
             default="default",

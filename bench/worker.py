@@ -179,7 +179,9 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     # min_lr_ratio=1: a constant LR, like the peer's plain AdamW, so that the loss curves compare too.
     module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
-    plugin = QLoRAPlugin() if args.mmap_threshold == "default" else QLoRAPlugin(cpu_mmap_threshold=_threshold(args))
+    kwargs = {} if args.mmap_threshold == "default" else {"cpu_mmap_threshold": _threshold(args)}
+    # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.recompute), for an A/B.
+    plugin = QLoRAPlugin(cpu_reuse_recompute=args.reuse, **kwargs)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -314,6 +316,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "peer_cpu_bf16": args.peer_cpu_bf16 if args.side == "peer" else None,
         "peer_gc": args.peer_gc if args.side == "peer" else None,
         "mmap_threshold": args.mmap_threshold,
+        "reuse_recompute": args.reuse if args.side == "ours" else None,
         "rss_imports_mib": round(rss_imports, 1),
         **log.result(model, args.batch * args.seq),
         "total_s": round(time.perf_counter() - START, 2),
@@ -441,6 +444,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " step, the peer leaves glibc as it is), 'glibc' (neither pins), or bytes to pin on both sides",
     )
     sp.add_argument("--loss", choices=("ours", "hf"), default="ours", help="ours-loop: which loss path")
+    sp.add_argument(
+        "--reuse", action=argparse.BooleanOptionalAction, default=True, help="ours: cpu_reuse_recompute (default on)"
+    )
     qp = sub.add_parser("quality", help="eval loss after QLoRA or 16-bit LoRA on the medical sample")
     qp.add_argument("--side", choices=("qlora", "lora16"), required=True)
     qp.add_argument("--model", default="smollm2-135m-instruct")
