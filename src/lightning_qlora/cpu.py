@@ -8,7 +8,7 @@ SmolLM2-135M with 2 threads (``bench/README.md``, "Allocator policy"):
   step through :class:`CreepGuard`, only when RSS has crept up. Called after every step, it
   lowered the peak at batch 2 x 128 from 1814 to 1535 MiB while the checkpoint's mapping was
   still held; without that mapping the gap is ~50 MB, and re-faulting each step's activations
-  cost ~10% of the step. It cannot lower the peak inside one step.
+  cost ~150k page faults a step (:class:`CreepGuard` has the figures). It cannot lower the peak inside one step.
 - ``pin_mmap_threshold(65536)``, opt-in as ``QLoRAPlugin(cpu_mmap_threshold=65536)``: every
   large buffer gets its own mapping, so batch 4 x 320 without checkpointing peaked at 4.5 GB
   instead of 6.4 GB, but each step took 1.25-1.5x as long (page faults on every fresh mapping).
@@ -83,8 +83,9 @@ class CreepGuard:
     """Trims the heap after a step only when RSS has crept up, not after every step.
 
     Trimming after every step hands the step's freed activations back to the OS, and the next
-    step faults them all in again: on SmolLM2-135M (batch 2 x 128) ~170k page faults and
-    0.4 s of kernel time a step, for a peak only ~50 MB lower. Without trimming, the freed
+    step faults them all in again: on SmolLM2-135M (batch 2 x 128) ~150k minor faults and
+    0.28 s of kernel time a step, against the peer stack's 49-70k and 0.10-0.12 s
+    (``bench/results/cpu-lowmem.json``), for a peak only ~50 MB lower. Without trimming, the freed
     pages are reused from step to step and RSS after a step stays flat (986-1089 MiB over 20
     steps); trimming is still worth it when fragmentation makes it grow.
 
