@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         side = ("stock", "reuse")[(i + i // 2) % 2]
         _switch(model, side == "reuse")
         start = time.perf_counter()
-        nll, _, count = module._stats(batch)
+        nll, count = module._loss_sums(batch)
         (nll / count.clamp(min=1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -280,7 +280,7 @@ def speed_ours_loop(args: argparse.Namespace, batches: list[dict], log: StepLog)
         if args.loss == "hf":
             loss = model(**batch, use_cache=False).loss
         else:
-            nll, _, count = module._stats(batch)
+            nll, count = module._loss_sums(batch)
             loss = nll / count.clamp(min=1)
         loss.backward()
         optimizer.step()

@@ -28,18 +28,23 @@ def answer_positions(labels: Tensor) -> Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
 
 
-def token_stats(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed NLL, correct predictions and counted tokens of ``logits`` against ``target``.
+def token_nll(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed NLL and counted tokens of ``logits`` against ``target`` (what a training step needs).
 
     ``logits[:, i]`` predicts ``target[:, i]``; targets of ``-100`` don't count.
     """
-    logits = logits.float()
-    mask = target != IGNORE_INDEX
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    correct = ((logits.argmax(-1) == target) & mask).sum()
-    return nll, correct, mask.sum()
+    return nll, (target != IGNORE_INDEX).sum()
+
+
+def token_stats(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`token_nll`'s sums, and the correct predictions between them."""
+    nll, count = token_nll(logits, target)
+    # A pass over the whole (tokens x vocab) logits: evaluation only.
+    correct = ((logits.argmax(-1) == target) & (target != IGNORE_INDEX)).sum()
+    return nll, correct, count
 
 
 def shifted_token_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_qlora.metrics import TokenMetrics, answer_positions, reset_outside_inference, token_stats
+from lightning_qlora.metrics import TokenMetrics, answer_positions, reset_outside_inference, token_nll, token_stats
 from lightning_qlora.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
 from lightning_qlora.optim import check_optim_args, configure_optimizers
 
@@ -137,9 +137,14 @@ class CausalLMModule(L.LightningModule):
         logits, target, _ = self._forward_scored(batch)
         return token_stats(logits, target)
 
+    def _loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL and scored tokens of a batch: ``_stats`` without the accuracy's argmax pass."""
+        logits, target, _ = self._forward_scored(batch)
+        return token_nll(logits, target)
+
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll, _, count = self._stats(batch)
+        nll, count = self._loss_sums(batch)
         loss = nll / count.clamp(min=1)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
