@@ -11,7 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora import prepare
-from lightning_qlora.recompute import ReplayDropout, _pending, pack_mask, reuse_recomputation, unpack_mask
+from lightning_qlora.recompute import (
+    ReplayDropout,
+    _pending,
+    dropout_table,
+    pack_mask,
+    reuse_recomputation,
+    unpack_mask,
+)
 from tests.conftest import VOCAB, tiny_llama_config
 
 
@@ -36,6 +43,21 @@ def test_mask_packing_round_trips_every_byte():
     assert torch.equal(unpack_mask(packed, every_byte.shape), every_byte)
     mask = torch.rand(3, 5, 24) < 0.3
     assert torch.equal(unpack_mask(pack_mask(mask), mask.shape), mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.7])
+def test_replayed_mask_values_are_torchs_dropout_bits(p, dtype):
+    # Torch's CPU dropout: noise = bernoulli(1 - p), noise /= (1 - p), x * noise. The replay
+    # looks the scaled values up in a table instead, and must give the same bits.
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 40).to(dtype)
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    packed = pack_mask(noise.bool())
+    expected = x * noise.div_(1 - p)
+    got = x * unpack_mask(packed, x.shape, dropout_table(p, dtype))
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
 
 
 class Block(nn.Module):
