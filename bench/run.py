@@ -102,6 +102,7 @@ def run_speed(args: argparse.Namespace, model: str, device: str) -> dict[str, An
     common += ["--threads", str(args.threads), "--gc" if args.gc else "--no-gc", "--peer-cpu-bf16", args.peer_cpu_bf16]
     common += ["--peer-gc", args.peer_gc, "--mmap-threshold", args.mmap_threshold]
     common += ["--reuse" if args.reuse else "--no-reuse"]
+    common += ["--fast-dropout" if args.fast_dropout else "--no-fast-dropout"]
     records: dict[str, list[dict]] = {"ours": [], "peer": []}
     start = loadavg()
     for i, side in enumerate(alternating(args.runs, ("ours", "peer"))):
@@ -129,6 +130,7 @@ def run_speed(args: argparse.Namespace, model: str, device: str) -> dict[str, An
         "peer_gc": args.peer_gc,
         "mmap_threshold": args.mmap_threshold,
         "reuse_recompute": args.reuse,
+        "fast_dropout": args.fast_dropout,
         "loadavg_start": start,
         "loadavg_end": loadavg(),
     }
@@ -223,6 +225,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             action=argparse.BooleanOptionalAction,
             default=True,
             help="ours: reuse the checkpoint recompute's dequantized weights and dropout masks (as shipped)",
+        )
+        p.add_argument(
+            "--fast-dropout",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="ours: draw LoRA dropout masks from 8 random bits per element (as shipped); off: torch's bernoulli_",
         )
         p.add_argument(
             "--mmap-threshold",

@@ -180,8 +180,9 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
     kwargs = {} if args.mmap_threshold == "default" else {"cpu_mmap_threshold": _threshold(args)}
-    # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.recompute), for an A/B.
-    plugin = QLoRAPlugin(cpu_reuse_recompute=args.reuse, **kwargs)
+    # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.recompute), for an A/B;
+    # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.dropout's.
+    plugin = QLoRAPlugin(cpu_reuse_recompute=args.reuse, cpu_fast_dropout=args.fast_dropout, **kwargs)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -269,7 +270,7 @@ def speed_ours_loop(args: argparse.Namespace, batches: list[dict], log: StepLog)
     set_seed(args.seed)
     _pin_for_baseline(args, log)
     model = load_model(args.model)
-    prepare(model, **LORA, gradient_checkpointing=args.gc, verbose=False)
+    prepare(model, **LORA, gradient_checkpointing=args.gc, fast_dropout=args.fast_dropout, verbose=False)
     module = CausalLMModule(model)  # for its loss path; puts the model in train mode
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     log.info["compute_dtype"] = "float32"
@@ -317,6 +318,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "peer_gc": args.peer_gc if args.side == "peer" else None,
         "mmap_threshold": args.mmap_threshold,
         "reuse_recompute": args.reuse if args.side == "ours" else None,
+        "fast_dropout": args.fast_dropout if args.side == "ours" else None,
         "rss_imports_mib": round(rss_imports, 1),
         **log.result(model, args.batch * args.seq),
         "total_s": round(time.perf_counter() - START, 2),
@@ -446,6 +448,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.add_argument("--loss", choices=("ours", "hf"), default="ours", help="ours-loop: which loss path")
     sp.add_argument(
         "--reuse", action=argparse.BooleanOptionalAction, default=True, help="ours: cpu_reuse_recompute (default on)"
+    )
+    sp.add_argument(
+        "--fast-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: cpu_fast_dropout, 8-bit dropout mask draws (default on)",
     )
     qp = sub.add_parser("quality", help="eval loss after QLoRA or 16-bit LoRA on the medical sample")
     qp.add_argument("--side", choices=("qlora", "lora16"), required=True)

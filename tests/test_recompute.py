@@ -113,11 +113,11 @@ def test_replay_dropout_outside_checkpointing_is_plain_dropout():
     assert torch.equal(drop.eval()(x), x)
 
 
-def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3):
+def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3, fast: bool = False):
     torch.manual_seed(0)
     model = model_factory()
     kw = dict(r=4, alpha=8, dropout=0.1, gradient_checkpointing=gradient_checkpointing, verbose=False)
-    prepare(model, **kw, reuse_recompute=swap)
+    prepare(model, **kw, reuse_recompute=swap, fast_dropout=fast)
     swapped = [m for m in model.modules() if type(m).__name__ in ("ReuseLinear4bit", "ReplayDropout")]
     assert len(swapped) == (28 if swap else 0)  # 2 layers x 7 projections, each with its LoRA dropout
     model.train()
@@ -126,7 +126,7 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
     gen = torch.Generator().manual_seed(1)
     losses = []
     # bnb's stock forward dequantizes inside its gemm_4bit op, where the mode cannot see: count both.
-    with CountOps("gemm_4bit", "dequantize_4bit", "bernoulli_") as count:
+    with CountOps("gemm_4bit", "dequantize_4bit", "bernoulli_", "random_") as count:
         for _ in range(steps):
             ids = torch.randint(0, VOCAB, (2, 12), generator=gen)
             loss = model(input_ids=ids, labels=ids).loss
@@ -135,7 +135,11 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
             opt.zero_grad()
             losses.append(loss.item())
     counts = count.counts
-    counts = {"dequantize": counts["gemm_4bit"] + counts["dequantize_4bit"], "bernoulli_": counts["bernoulli_"]}
+    counts = {
+        "dequantize": counts["gemm_4bit"] + counts["dequantize_4bit"],
+        "bernoulli_": counts["bernoulli_"],
+        "random_": counts["random_"],  # fast masks' draws
+    }
     return losses, [p.detach().clone() for p in trainable], torch.get_rng_state(), counts
 
 
@@ -154,11 +158,34 @@ def test_reuse_changes_no_bit_of_training(gradient_checkpointing):
     layers, steps = 14, 3
     if gradient_checkpointing:
         # Stock: forward + recompute + backward. Reused: the backward takes the recompute's.
-        assert stock[3] == {"dequantize": 3 * layers * steps, "bernoulli_": 2 * layers * steps}
-        assert reused[3] == {"dequantize": 2 * layers * steps, "bernoulli_": layers * steps}
+        assert stock[3] == {"dequantize": 3 * layers * steps, "bernoulli_": 2 * layers * steps, "random_": 0}
+        assert reused[3] == {"dequantize": 2 * layers * steps, "bernoulli_": layers * steps, "random_": 0}
     else:
         # Forward, then backward for all but layer 0's q, k, v: their input (the frozen embedding) needs no grad.
-        assert stock[3] == reused[3] == {"dequantize": (2 * layers - 3) * steps, "bernoulli_": layers * steps}
+        expected = {"dequantize": (2 * layers - 3) * steps, "bernoulli_": layers * steps, "random_": 0}
+        assert stock[3] == reused[3] == expected
+
+
+def test_fast_masks_are_replayed_bit_for_bit(monkeypatch):
+    # Fast masks come from another stream than torch's, so the reference is the same fast masks
+    # drawn again in every recompute (none found kept), as stock checkpointing would.
+    from transformers import LlamaForCausalLM
+
+    def factory():
+        return LlamaForCausalLM(tiny_llama_config())
+
+    replayed = _fit(factory, swap=True, gradient_checkpointing=True, fast=True)
+    monkeypatch.setattr(_pending, "take", lambda key, state: None)
+    redrawn = _fit(factory, swap=True, gradient_checkpointing=True, fast=True)
+    assert replayed[0] == redrawn[0]
+    assert all(torch.equal(a, b) for a, b in zip(replayed[1], redrawn[1], strict=True))
+    assert torch.equal(replayed[2], redrawn[2])
+    layers, steps = 14, 3
+    assert replayed[3] == {"dequantize": 2 * layers * steps, "bernoulli_": 0, "random_": layers * steps}
+    assert redrawn[3] == {"dequantize": 2 * layers * steps, "bernoulli_": 0, "random_": 2 * layers * steps}
+    stock = _fit(factory, swap=False, gradient_checkpointing=True)
+    assert stock[0][0] == replayed[0][0]  # LoRA B starts at 0: the first loss cannot see the masks
+    assert stock[0][1:] != replayed[0][1:]  # later ones do: another stream
 
 
 def test_swapped_layers_still_are_bnb_layers_and_pickle(tiny_llama):

@@ -87,6 +87,10 @@ class QLoRAPlugin(MixedPrecision):
             weights dequantized in the recompute, and replay the forward's LoRA dropout masks there,
             instead of computing both again: the same results bit for bit, in fewer operations
             (``lightning_qlora.recompute``). ``False`` runs stock bitsandbytes and PEFT layers.
+        cpu_fast_dropout: With ``cpu_reuse_recompute``, draw the LoRA dropout masks on CPU from
+            8 random bits per element instead of torch's 64 (``lightning_qlora.dropout``): exactly
+            the same Bernoulli distribution, from another random stream, so results are not
+            bit-equal to PEFT's. ``False`` draws torch's masks.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class QLoRAPlugin(MixedPrecision):
         cpu_mmap_threshold: int | None = None,
         cpu_release_memory: bool = True,
         cpu_reuse_recompute: bool = True,
+        cpu_fast_dropout: bool = True,
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
@@ -128,6 +133,7 @@ class QLoRAPlugin(MixedPrecision):
         self.cpu_release_memory = cpu_release_memory
         self._creep_guard = CreepGuard()
         self.cpu_reuse_recompute = cpu_reuse_recompute
+        self.cpu_fast_dropout = cpu_fast_dropout
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -237,7 +243,7 @@ class QLoRAPlugin(MixedPrecision):
 
     def _reuse_recompute(self, model: nn.Module) -> None:
         if self.device == "cpu" and self.cpu_reuse_recompute:
-            layers, dropouts = reuse_recomputation(model)
+            layers, dropouts = reuse_recomputation(model, fast_dropout=self.cpu_fast_dropout)
             if layers or dropouts:
                 log.debug("QLoRAPlugin: %d 4-bit layers and %d dropouts reuse the recompute", layers, dropouts)
 

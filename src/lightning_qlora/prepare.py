@@ -31,6 +31,7 @@ def prepare(
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
     reuse_recompute: bool = True,
+    fast_dropout: bool = True,
     verbose: bool = True,
 ):
     """Quantize ``model``'s frozen base and add LoRA adapters, in place.
@@ -48,6 +49,8 @@ def prepare(
         device: Where to quantize; defaults to where the weights are.
         reuse_recompute: On CPU with checkpointing, dequantize and draw dropout masks once less
             per step, with bit-identical results (``lightning_qlora.recompute``).
+        fast_dropout: With ``reuse_recompute``, draw CPU dropout masks from 8 random bits per
+            element: torch's distribution, another stream (``lightning_qlora.dropout``).
         verbose: Print what was quantized and the trainable parameter count.
         Others: as in :class:`~lightning_qlora.quantize.QuantConfig` and
             :class:`~lightning_qlora.adapters.AdapterConfig`.
@@ -65,7 +68,7 @@ def prepare(
     quant_report = quantize_model(model, quant, device)
     peft_model, adapter_report = add_adapters(model, adapters)
     if reuse_recompute:
-        reuse_recomputation(model)
+        reuse_recomputation(model, fast_dropout=fast_dropout)
     if verbose:
         print(quant_report.summary())
         print(adapter_report.summary())
