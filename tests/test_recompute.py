@@ -126,7 +126,7 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
     gen = torch.Generator().manual_seed(1)
     losses = []
     # bnb's stock forward dequantizes inside its gemm_4bit op, where the mode cannot see: count both.
-    with CountOps("gemm_4bit", "dequantize_4bit", "bernoulli_", "random_") as count:
+    with CountOps("gemm_4bit", "dequantize_4bit", "dequantize_blockwise", "bernoulli_", "random_") as count:
         for _ in range(steps):
             ids = torch.randint(0, VOCAB, (2, 12), generator=gen)
             loss = model(input_ids=ids, labels=ids).loss
@@ -139,6 +139,7 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
         "dequantize": counts["gemm_4bit"] + counts["dequantize_4bit"],
         "bernoulli_": counts["bernoulli_"],
         "random_": counts["random_"],  # fast masks' draws
+        "scales": counts["dequantize_blockwise"],  # double quant's block scales
     }
     return losses, [p.detach().clone() for p in trainable], torch.get_rng_state(), counts
 
@@ -158,12 +159,25 @@ def test_reuse_changes_no_bit_of_training(gradient_checkpointing):
     layers, steps = 14, 3
     if gradient_checkpointing:
         # Stock: forward + recompute + backward. Reused: the backward takes the recompute's.
-        assert stock[3] == {"dequantize": 3 * layers * steps, "bernoulli_": 2 * layers * steps, "random_": 0}
-        assert reused[3] == {"dequantize": 2 * layers * steps, "bernoulli_": layers * steps, "random_": 0}
+        assert stock[3] == {
+            "dequantize": 3 * layers * steps,
+            "bernoulli_": 2 * layers * steps,
+            "random_": 0,
+            "scales": layers * steps,
+        }
+        # ...and the block scales are dequantized once, at the first step.
+        assert reused[3] == {
+            "dequantize": 2 * layers * steps,
+            "bernoulli_": layers * steps,
+            "random_": 0,
+            "scales": layers,
+        }
     else:
         # Forward, then backward for all but layer 0's q, k, v: their input (the frozen embedding) needs no grad.
         expected = {"dequantize": (2 * layers - 3) * steps, "bernoulli_": layers * steps, "random_": 0}
-        assert stock[3] == reused[3] == expected
+        # (Stock's forward dequantizes inside gemm_4bit; the scales counted are its backward's.)
+        assert stock[3] == {**expected, "scales": (layers - 3) * steps}
+        assert reused[3] == {**expected, "scales": layers - 3}  # layer 0's q, k, v run the stock forward
 
 
 def test_fast_masks_are_replayed_bit_for_bit(monkeypatch):
@@ -181,8 +195,9 @@ def test_fast_masks_are_replayed_bit_for_bit(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(replayed[1], redrawn[1], strict=True))
     assert torch.equal(replayed[2], redrawn[2])
     layers, steps = 14, 3
-    assert replayed[3] == {"dequantize": 2 * layers * steps, "bernoulli_": 0, "random_": layers * steps}
-    assert redrawn[3] == {"dequantize": 2 * layers * steps, "bernoulli_": 0, "random_": 2 * layers * steps}
+    draws = {"dequantize": 2 * layers * steps, "bernoulli_": 0, "scales": layers}
+    assert replayed[3] == {**draws, "random_": layers * steps}
+    assert redrawn[3] == {**draws, "random_": 2 * layers * steps}
     stock = _fit(factory, swap=False, gradient_checkpointing=True)
     assert stock[0][0] == replayed[0][0]  # LoRA B starts at 0: the first loss cannot see the masks
     assert stock[0][1:] != replayed[0][1:]  # later ones do: another stream

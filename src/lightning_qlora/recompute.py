@@ -195,9 +195,16 @@ def _dequantize(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.T
     ops = torch.ops.bitsandbytes
     absmax = state.absmax
     if state.nested:
-        nested = state.state2
-        scales = ops.dequantize_blockwise.default(absmax, nested.absmax, nested.code, nested.blocksize, torch.float32)
-        absmax = scales + state.offset
+        # The frozen weight's block scales never change: dequantize them once, not twice a step
+        # (fp32, 4 bytes per 64 weights: 6.6 MB for SmolLM2-135M).
+        cached = getattr(state, "_dense_absmax", None)
+        if cached is None or cached[0] is not absmax:
+            nested = state.state2
+            scales = ops.dequantize_blockwise.default(
+                absmax, nested.absmax, nested.code, nested.blocksize, torch.float32
+            )
+            cached = state._dense_absmax = (absmax, scales + state.offset)
+        absmax = cached[1]
     return ops.dequantize_4bit.default(
         weight.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype
     )
