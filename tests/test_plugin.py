@@ -199,3 +199,22 @@ def test_cpu_fast_dropout_learns_like_torch_dropout():
     end = [sum(losses[-10:]) / 10 for losses in (torch_masks, fast_masks)]
     # Two random streams: 0.752 (torch) and 0.783 (fast) here. The distribution is pinned in test_dropout.py.
     assert end[0] < 0.2 * torch_masks[0] and end[1] == pytest.approx(end[0], rel=0.15)
+
+
+def test_gradient_clipping_with_the_fused_cpu_optimizer(tiny_llama):
+    # CPU AdamW is fused; Lightning's MixedPrecision refuses to clip for any fused optimizer.
+    plugin = QLoRAPlugin()
+    trainer = quiet_trainer(plugins=[plugin], max_steps=3, gradient_clip_val=0.05)
+    trainer.fit(CausalLMModule(tiny_llama, lr=1e-2), loader(counting_batches(3)))
+    optimizer = trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is True
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+
+    def norm():
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])).item()
+
+    assert norm() > 1
+    plugin.clip_gradients(optimizer, clip_val=0.05)
+    assert norm() == pytest.approx(0.05, rel=1e-4)

@@ -16,8 +16,9 @@ from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -318,6 +319,20 @@ class QLoRAPlugin(MixedPrecision):
             # Only when RSS crept up: trimming every step re-faults the next step's activations.
             self._creep_guard.after_step()
         return result
+
+    @override
+    def clip_gradients(
+        self,
+        optimizer: Any,
+        clip_val: float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        if self.scaler is None:
+            # No loss scaling (fp32 on CPU, bf16): the gradients are already unscaled, so a fused
+            # optimizer clips like any other. MixedPrecision refuses fused ones unconditionally.
+            Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+            return
+        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: base, quantization and adapter per model."""
