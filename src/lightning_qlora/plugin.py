@@ -86,8 +86,10 @@ class QLoRAPlugin(MixedPrecision):
             a step, so that it does not creep.
         cpu_reuse_recompute: On CPU with gradient checkpointing, let the backward use the dense
             weights dequantized in the recompute, and replay the forward's LoRA dropout masks there,
-            instead of computing both again: the same results bit for bit, in fewer operations
-            (``lightning_qlora.recompute``). ``False`` runs stock bitsandbytes and PEFT layers.
+            instead of computing both again; dequantize the block scales once; add the LoRA term
+            without PEFT's defensive copy of the base output: the same results bit for bit, in
+            fewer operations (``lightning_qlora.recompute``). ``False`` runs stock bitsandbytes
+            and PEFT layers.
         cpu_fast_dropout: With ``cpu_reuse_recompute``, draw the LoRA dropout masks on CPU from
             8 random bits per element instead of torch's 64 (``lightning_qlora.dropout``): exactly
             the same Bernoulli distribution, from another random stream, so results are not

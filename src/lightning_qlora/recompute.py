@@ -19,6 +19,10 @@ On CPU, where both are expensive (torch's CPU Bernoulli draws one 64-bit number 
   i.e. exactly when a fresh draw would give the same mask. It then moves the RNG to where the
   draw would have left it, so later random ops see the same stream.
 
+Two more repeats go on the way: the block scales of double quantization are dequantized once at
+the swap instead of at every dequantization, and PEFT's LoRA wrapper adds its term without first
+copying the base output (``lightning_qlora.lora_layer``).
+
 Outputs, gradients and RNG streams equal the stock path bit for bit (``tests/test_recompute.py``).
 On GPU, and outside checkpointed blocks, both classes behave exactly like the ones they replace.
 """
@@ -33,6 +37,7 @@ from torch import nn
 
 from lightning_qlora._bnb import require_bitsandbytes
 from lightning_qlora.dropout import dropout, keep_mask
+from lightning_qlora.lora_layer import lora_linear4bit
 
 # Masks waiting for their recompute take 1 bit per dropout input element; past this, draw again.
 MAX_KEPT_BYTES = 256 * 2**20
@@ -175,9 +180,9 @@ class ReplayDropout(nn.Dropout):
             return self._draw(x)
         before = torch.get_rng_state()
         keep = keep_mask(x.shape, self.p) if self.fast_masks else self._torch_keep(x)
-        key = _pending.key(before, x.shape, self.p)
-        _pending.keep(key, before, torch.get_rng_state(), pack_mask(keep))
-        return dropout(x, self.p, keep)
+        packed = pack_mask(keep)
+        _pending.keep(_pending.key(before, x.shape, self.p), before, torch.get_rng_state(), packed)
+        return x * unpack_mask(packed, x.shape, dropout_table(self.p, x.dtype))
 
     def _torch_keep(self, x: torch.Tensor) -> torch.Tensor:
         # The same draw as torch's CPU dropout, so that the mask and the output are the stock ones.
@@ -192,22 +197,26 @@ class ReplayDropout(nn.Dropout):
 
 def _dequantize(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight, computed as bitsandbytes' CPU forward does (straight to ``dtype``)."""
-    ops = torch.ops.bitsandbytes
-    absmax = state.absmax
-    if state.nested:
-        # The frozen weight's block scales never change: dequantize them once, not twice a step
-        # (fp32, 4 bytes per 64 weights: 6.6 MB for SmolLM2-135M).
-        cached = getattr(state, "_dense_absmax", None)
-        if cached is None or cached[0] is not absmax:
-            nested = state.state2
-            scales = ops.dequantize_blockwise.default(
-                absmax, nested.absmax, nested.code, nested.blocksize, torch.float32
-            )
-            cached = state._dense_absmax = (absmax, scales + state.offset)
-        absmax = cached[1]
-    return ops.dequantize_4bit.default(
+    absmax = _block_scales(state) if state.nested else state.absmax
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
         weight.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype
     )
+
+
+def _block_scales(state: Any) -> torch.Tensor:
+    """A double-quantized weight's fp32 block scales, dequantized once and kept on its ``QuantState``.
+
+    The frozen weight's scales never change, so they need not be dequantized twice a step (fp32,
+    4 bytes per 64 weights: 6.6 MB for SmolLM2-135M).
+    """
+    cached = getattr(state, "_dense_absmax", None)
+    if cached is None or cached[0] is not state.absmax:
+        nested = state.state2
+        scales = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            state.absmax, nested.absmax, nested.code, nested.blocksize, torch.float32
+        )
+        cached = state._dense_absmax = (state.absmax, scales + state.offset)
+    return cached[1]
 
 
 class _DequantizeOnce(torch.autograd.Function):
@@ -290,13 +299,22 @@ def reuse_recomputation(model: nn.Module, fast_dropout: bool = False) -> tuple[i
     Returns:
         ``(4-bit layers, dropout layers)`` swapped.
     """
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
     bnb = require_bitsandbytes()
-    layer_class = _reuse_linear4bit()
+    layer_class, lora_class = _reuse_linear4bit(), lora_linear4bit()
     layers = dropouts = 0
     for module in model.modules():
         if type(module) is bnb.nn.Linear4bit:
             module.__class__ = layer_class
             layers += 1
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and state.nested and module.weight.device.type == "cpu":
+                # Now, at setup, rather than among the first step's activations, where these small
+                # tensors would pin freed heap pages.
+                _block_scales(state)
+        elif type(module) is PeftLinear4bit:
+            module.__class__ = lora_class  # no defensive copy of the base output
         lora_dropout = getattr(module, "lora_dropout", None)
         if isinstance(lora_dropout, nn.ModuleDict):
             for name, drop in lora_dropout.items():
