@@ -354,7 +354,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     gc = args.gc
     if args.side == "qlora":
         module = CausalLMModule(args.model, **optim)
-        plugins, callbacks, precision = [QLoRAPlugin()], [LoRAAdapters(**LORA, gradient_checkpointing=gc)], None
+        plugin = QLoRAPlugin(cpu_fast_dropout=args.fast_dropout)
+        plugins, callbacks, precision = [plugin], [LoRAAdapters(**LORA, gradient_checkpointing=gc)], None
     else:
         # 16-bit LoRA: the same adapters on the unquantized base (fp32 on CPU, bf16 autocast on GPU).
         model = load_model(args.model).train()
@@ -412,6 +413,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "gc": gc,
+        "fast_dropout": args.fast_dropout if args.side == "qlora" else None,
         "precision": trainer.precision_plugin.precision,
         "val_before": {k: round(float(v), 5) for k, v in val_before.items()},
         "val_after": {k: round(float(v), 5) for k, v in val_after.items()},
@@ -462,6 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     qp.add_argument("--batch", type=int, default=4)
     qp.add_argument("--task", help="data.task override (default: the medical recipe's)")
     qp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    qp.add_argument(
+        "--fast-dropout", action=argparse.BooleanOptionalAction, default=True, help="qlora: cpu_fast_dropout"
+    )
     for p in (sp, qp):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=os.cpu_count())
