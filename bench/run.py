@@ -145,7 +145,8 @@ def run_quality(args: argparse.Namespace) -> dict[str, Any]:
         seed = seeds[len(records[side])]
         argv = ["quality", "--side", side, "--model", args.model, "--steps", str(args.steps)]
         argv += ["--batch", str(args.batch), "--seed", str(seed), "--threads", str(args.threads)]
-        argv += ["--gc" if args.gc else "--no-gc", "--device", args.device, "--task", args.task]
+        argv += ["--gc" if args.gc else "--no-gc", "--device", args.device]
+        argv += ["--task", args.task] if args.task else []
         rec = run_worker(argv, args.threads, args.timeout)
         records[side].append(rec)
         print(
@@ -243,7 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quality.add_argument("--steps", type=int, default=30)
     quality.add_argument("--batch", type=int, default=4)
     # The metric: PubMedQA decision + explanation (the recipe itself now trains the decision only).
-    quality.add_argument("--task", default="pubmedqa", help="pubmedqa or pubmedqa_decision")
+    quality.add_argument(
+        "--task",
+        help="data.task: pubmedqa_decision (the medical recipe's default, and this one's) or pubmedqa",
+    )
     quality.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     for p in (cpu, gpu, quality):
         p.add_argument("--runs", type=int, default=3 if p is not quality else 1, help="runs per side (quality: seeds)")
