@@ -11,14 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora import prepare
-from lightning_qlora.recompute import (
-    ReplayDropout,
-    _pending,
-    dropout_table,
-    pack_mask,
-    reuse_recomputation,
-    unpack_mask,
-)
+from lightning_qlora.dropout import dropout_table, pack_mask, unpack_mask
+from lightning_qlora.recompute import ReplayDropout, _pending, reuse_recomputation
 from tests.conftest import VOCAB, tiny_llama_config
 
 

@@ -10,6 +10,9 @@ and the rare tie ``b == floor(k)`` (1 in 256) drops with probability ``k - floor
 53-bit uniform. So ``P(drop) = floor(k) / 256 + (k - floor(k)) / 256 = p`` to double precision,
 the precision of torch's own draw, and elements stay independent. The mask stream is not
 torch's: a run with these masks is as random as one with PEFT's, not bit-equal to it.
+
+:func:`pack_mask` and :func:`unpack_mask` keep a mask at one bit per element, for the replay in
+``lightning_qlora.recompute``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import math
 import torch
 
 _MIN_INT64 = -(2**63)
+_GATHER_BITS = 0x0102040810204080  # multiplying 8 bytes of 0/1 by this gathers them into the top byte
+# Row b: the 8 bits of byte b, lowest first (the order pack_mask packs them in).
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+_DROPOUT_TABLES: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -64,3 +71,27 @@ def dropout(x: torch.Tensor, p: float, keep: torch.Tensor | None = None) -> torc
     if keep is None:
         keep = keep_mask(x.shape, p)
     return x * keep.to(x.dtype).div_(1 - p)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor whose size is a multiple of 8 as one bit per element (uint8)."""
+    words = mask.reshape(-1).view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size, table: torch.Tensor = _BYTE_BITS) -> torch.Tensor:
+    """The bool tensor :func:`pack_mask` packed, or its elements mapped through ``table``'s rows.
+
+    One gather from a 256-row table (byte -> its 8 elements) instead of and/compare/convert passes:
+    3x faster on the replayed masks (SmolLM2 shapes, 2 threads).
+    """
+    return table.index_select(0, packed.int()).reshape(shape)
+
+
+def dropout_table(p: float, dtype: torch.dtype) -> torch.Tensor:
+    """``unpack_mask`` table giving what torch's dropout multiplies by: 0, or 1 / (1 - p) rounded as it rounds it."""
+    table = _DROPOUT_TABLES.get((p, dtype))
+    if table is None:
+        # The same op on the same dtype as dropout's ``noise.div_(1 - p)``, hence the same bits.
+        table = _DROPOUT_TABLES[(p, dtype)] = _BYTE_BITS.to(dtype).div_(1 - p)
+    return table

@@ -36,16 +36,12 @@ import torch
 from torch import nn
 
 from lightning_qlora._bnb import require_bitsandbytes
-from lightning_qlora.dropout import dropout, keep_mask
+from lightning_qlora.dropout import dropout, dropout_table, keep_mask, pack_mask, unpack_mask
 from lightning_qlora.lora_layer import lora_linear4bit
 
 # Masks waiting for their recompute take 1 bit per dropout input element; past this, draw again.
 MAX_KEPT_BYTES = 256 * 2**20
 _MIN_BUFFER = 2**20
-_GATHER_BITS = 0x0102040810204080  # multiplying 8 bytes of 0/1 by this gathers them into the top byte
-# Row b: the 8 bits of byte b, lowest first (the order pack_mask packs them in).
-_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
-_DROPOUT_TABLES: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
 
 def in_backward() -> bool:
@@ -57,30 +53,6 @@ def in_checkpointed_forward() -> bool:
     """Whether this is the first forward of a non-reentrant checkpointed block, whose saved tensors are dropped."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor whose size is a multiple of 8 as one bit per element (uint8)."""
-    words = mask.reshape(-1).view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
-
-
-def unpack_mask(packed: torch.Tensor, shape: torch.Size, table: torch.Tensor = _BYTE_BITS) -> torch.Tensor:
-    """The bool tensor :func:`pack_mask` packed, or its elements mapped through ``table``'s rows.
-
-    One gather from a 256-row table (byte -> its 8 elements) instead of and/compare/convert passes:
-    3x faster on the replayed masks (SmolLM2 shapes, 2 threads).
-    """
-    return table.index_select(0, packed.int()).reshape(shape)
-
-
-def dropout_table(p: float, dtype: torch.dtype) -> torch.Tensor:
-    """``unpack_mask`` table giving what torch's dropout multiplies by: 0, or 1 / (1 - p) rounded as it rounds it."""
-    table = _DROPOUT_TABLES.get((p, dtype))
-    if table is None:
-        # The same op on the same dtype as dropout's ``noise.div_(1 - p)``, hence the same bits.
-        table = _DROPOUT_TABLES[(p, dtype)] = _BYTE_BITS.to(dtype).div_(1 - p)
-    return table
 
 
 class _Pending(threading.local):
