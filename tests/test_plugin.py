@@ -166,31 +166,30 @@ def test_cpu_precision_is_fp32(tiny_llama):
     assert tiny_llama.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.float32
 
 
-def test_cpu_reuse_of_the_recompute_changes_no_loss():
+def _fit_dropout_llama(steps: int, **plugin_kwargs):
+    """A fresh tiny Llama fitted with LoRA dropout 0.1 and checkpointing: the model and its losses."""
     from transformers import LlamaForCausalLM
 
+    L.seed_everything(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    module = CausalLMModule(model, lr=1e-2, warmup_steps=5)
+    adapters = LoRAAdapters(r=8, alpha=16, dropout=0.1, gradient_checkpointing=True)
+    return model, _fit(module, [adapters], steps=steps, **plugin_kwargs)[1]
+
+
+def test_cpu_reuse_of_the_recompute_changes_no_loss():
     runs = {}
     for reuse in (False, True):
-        L.seed_everything(0)
-        model = LlamaForCausalLM(tiny_llama_config())
-        module = CausalLMModule(model, lr=1e-2, warmup_steps=5)
-        adapters = LoRAAdapters(r=8, alpha=16, dropout=0.1, gradient_checkpointing=True)
-        _, runs[reuse] = _fit(module, [adapters], steps=6, cpu_reuse_recompute=reuse, cpu_fast_dropout=False)
+        model, runs[reuse] = _fit_dropout_llama(6, cpu_reuse_recompute=reuse, cpu_fast_dropout=False)
         kinds = {type(m).__name__ for m in model.modules()}
         assert ({"ReuseLinear4bit", "ReplayDropout"} <= kinds) == reuse
     assert runs[True] == runs[False]  # every loss, bit for bit (dropout on: the masks are replayed)
 
 
 def test_cpu_fast_dropout_learns_like_torch_dropout():
-    from transformers import LlamaForCausalLM
-
     runs = {}
     for fast in (False, True):
-        L.seed_everything(0)
-        model = LlamaForCausalLM(tiny_llama_config())
-        module = CausalLMModule(model, lr=1e-2, warmup_steps=5)
-        adapters = LoRAAdapters(r=8, alpha=16, dropout=0.1, gradient_checkpointing=True)
-        _, runs[fast] = _fit(module, [adapters], steps=40, cpu_fast_dropout=fast)
+        model, runs[fast] = _fit_dropout_llama(40, cpu_fast_dropout=fast)
         drops = [m for m in model.modules() if type(m).__name__ == "ReplayDropout"]
         assert len(drops) == 14 and all(d.fast_masks == fast for d in drops)
     torch_masks, fast_masks = runs[False], runs[True]
