@@ -7,6 +7,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 # Keep tests offline and quiet; the default-model cache may be shared between runs.
@@ -98,3 +99,17 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts calls of the named ops (e.g. ``"bernoulli_"``, ``"dequantize_4bit"``)."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        self.counts = dict.fromkeys(names, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.counts:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))

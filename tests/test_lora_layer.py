@@ -7,7 +7,7 @@ from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
 from lightning_qlora import prepare
 from lightning_qlora.lora_layer import lora_linear4bit
-from tests.test_recompute import CountOps
+from tests.conftest import CountOps
 
 
 def _forward_backward(layer, x):

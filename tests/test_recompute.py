@@ -7,27 +7,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from lightning_qlora import prepare
 from lightning_qlora.dropout import dropout_table, pack_mask, unpack_mask
 from lightning_qlora.recompute import ReplayDropout, _pending, reuse_recomputation
-from tests.conftest import VOCAB, tiny_llama_config
-
-
-class CountOps(TorchDispatchMode):
-    """Counts calls of the named ops (e.g. ``"bernoulli_"``, ``"dequantize_4bit"``)."""
-
-    def __init__(self, *names: str) -> None:
-        super().__init__()
-        self.counts = dict.fromkeys(names, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.counts:
-            self.counts[name] += 1
-        return func(*args, **(kwargs or {}))
+from tests.conftest import VOCAB, CountOps, tiny_llama_config
 
 
 def test_mask_packing_round_trips_every_byte():
