@@ -111,3 +111,23 @@ def test_already_quantized_integer_weights_are_refused():
 def test_skip_modules_that_match_nothing_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="skip_modules entry 'lm_haed' matches no module"):
         quantize_model(tiny_llama, QuantConfig(skip_modules=("lm_haed",)))
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_compute_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16, several times slower than fp16 with a grad scaler;
+    # torch.cuda.is_bf16_supported() says yes to them by default.
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"major": capability[0]})
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)  # emulated
+    assert QuantConfig().resolve_compute_dtype("cuda") == expected
+    assert QuantConfig(quant_type="int8").resolve_compute_dtype("cuda") == torch.float16
+    assert QuantConfig().resolve_compute_dtype("cpu") == torch.float32

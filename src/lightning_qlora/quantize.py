@@ -51,7 +51,8 @@ class QuantConfig:
     Args:
         quant_type: ``"nf4"`` (QLoRA's NormalFloat4), ``"fp4"`` or ``"int8"`` (LLM.int8()).
         double_quant: Quantize the 4-bit block scales too (saves ~0.37 bits per parameter).
-        compute_dtype: ``"auto"`` (bf16 on GPUs that support it, fp32 on CPU), or a dtype.
+        compute_dtype: ``"auto"`` (bf16 on GPUs with bf16 units, i.e. compute capability 8.0 on;
+            fp16 on older GPUs; fp32 on CPU), or a dtype.
         quant_storage: Dtype the packed 4-bit data is stored as. ``uint8`` is the default;
             FSDP can only shard float storage, so it needs ``bf16``.
         skip_modules: Extra module names (or name prefixes) to keep unquantized, on top
@@ -97,7 +98,19 @@ class QuantConfig:
             return torch.float32
         if self.quant_type == "int8":
             return torch.float16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+def has_native_bf16(device: torch.device | str) -> bool:
+    """Whether a CUDA device computes bf16 in hardware (compute capability 8.0 on, or ROCm).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes for GPUs that only emulate bf16 (V100, T4),
+    where it is several times slower than fp16 with a grad scaler.
+    """
+    if torch.version.hip:
+        return True
+    major, _ = torch.cuda.get_device_capability(torch.device(device))
+    return major >= 8
 
 
 @dataclass
