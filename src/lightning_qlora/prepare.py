@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -46,7 +47,9 @@ def prepare(
     Args:
         model: The model to prepare; its layers are replaced in place.
         bits: 4 (NF4 unless ``quant_type`` says ``"fp4"``) or 8 (LLM.int8()).
-        device: Where to quantize; defaults to where the weights are.
+        device: Where to quantize; defaults to where the weights are. With ``compute_dtype="auto"``
+            the 4-bit layers pick their compute dtype where they run, so a model prepared on CPU
+            and then moved with ``.cuda()`` computes in bf16 (fp16 on GPUs without bf16 units).
         reuse_recompute: On CPU with checkpointing, dequantize and draw dropout masks once less
             per step, with bit-identical results (``lightning_qlora.recompute``).
         fast_dropout: With ``reuse_recompute``, draw CPU dropout masks from 8 random bits per
@@ -66,6 +69,8 @@ def prepare(
     quant = QuantConfig(quant_type, double_quant, compute_dtype, quant_storage, tuple(skip_modules))
     adapters = AdapterConfig(r, alpha, dropout, target_modules, tuple(modules_to_save), gradient_checkpointing)
     quant_report = quantize_model(model, quant, device)
+    if quant.compute_dtype == "auto":
+        follow_device(model, quant)
     peft_model, adapter_report = add_adapters(model, adapters)
     if reuse_recompute:
         reuse_recomputation(model, fast_dropout=fast_dropout)
@@ -73,3 +78,31 @@ def prepare(
         print(quant_report.summary())
         print(adapter_report.summary())
     return peft_model
+
+
+def follow_device(model: nn.Module, config: QuantConfig) -> int:
+    """Let ``model``'s 4-bit layers resolve ``compute_dtype="auto"`` on the device they run on.
+
+    ``quantize_model`` fixes the compute dtype for the device it quantized on; a model prepared
+    on CPU and moved to a GPU afterwards would otherwise keep computing in fp32 there.
+
+    Returns:
+        The number of layers that now follow their device.
+    """
+    from lightning_qlora._bnb import require_bitsandbytes
+
+    bnb = require_bitsandbytes()
+    hook = functools.partial(_resolve_on_device, config)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer._compute_device = layer.weight.device.type  # what its compute dtype was resolved for
+        layer.register_forward_pre_hook(hook)
+    return len(layers)
+
+
+def _resolve_on_device(config: QuantConfig, layer: nn.Module, args: tuple) -> None:
+    # A module-level function (bound with partial) keeps the model picklable.
+    device = layer.weight.device
+    if device.type != getattr(layer, "_compute_device", None):
+        layer.compute_dtype = config.resolve_compute_dtype(device)
+        layer._compute_device = device.type
