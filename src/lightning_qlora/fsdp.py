@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import torch
@@ -53,11 +53,40 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
                 f"quant_storage={quant_storage!r}: FSDP can only shard float storage;"
                 " use quant_storage='auto' (the compute dtype) or 'bf16'."
             )
+        # int8 weights (Int8Params) are integer tensors, which FSDP cannot flatten with the float rest.
+        if str(kwargs.get("quant_type", "nf4")).lower() == "int8":
+            raise ValueError("quant_type='int8' cannot be sharded by FSDP; use quant_type='nf4' (or 'fp4') with FSDP.")
+        for key in ("keep_high_precision", "int8_modules"):
+            if kwargs.get(key):
+                raise ValueError(
+                    f"{key}={kwargs[key]!r} keeps layers in int8, which FSDP cannot shard with the 4-bit rest;"
+                    f" drop {key} with FSDP, or use trainer=ddp."
+                )
         self._auto_storage = quant_storage == "auto"
+        self._storage_resolved = not self._auto_storage
         super().__init__(quant_storage="fp32" if self._auto_storage else quant_storage, **kwargs)
         # FSDPPrecision's init contexts read this; the model is built in fp32 and quantized later.
         self._desired_input_dtype = torch.float32
         self._adapter_keys: dict[str, dict[str, str]] = {}
+
+    def resolve_storage(self, device: torch.device) -> None:
+        """Turn ``quant_storage="auto"`` into the compute dtype on ``device``.
+
+        Called by :class:`QLoRAFSDPStrategy` before ``configure_model``, so that a model quantized
+        while loading is packed in the storage dtype FSDP will flatten.
+        """
+        if self._auto_storage:
+            dtype = self.quant_config.resolve_compute_dtype(device)
+            self.quant_config = dataclasses.replace(self.quant_config, quant_storage=dtype)
+            self._storage_resolved = True
+
+    @override
+    def configs_before_setup(self) -> dict[str, dict[str, Any]]:
+        configs = super().configs_before_setup()
+        if not self._storage_resolved:
+            # "auto" is the compute dtype of a device not known yet; the full check runs at setup.
+            configs["quant"].pop("quant_storage")
+        return configs
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -65,18 +94,30 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
         if _is_wrapped(module):
             return module  # set up by an earlier validate/fit on this module
         trainer = getattr(module, "_trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if self._auto_storage:
-            dtype = self.quant_config.resolve_compute_dtype(device)
-            self.quant_config = dataclasses.replace(self.quant_config, quant_storage=dtype)
+        self.resolve_storage(trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
         super().convert_module(module)
         # PEFT names the adapter's tensors by inspecting the model, which FSDP's state-dict hooks
         # turn into collectives; so learn the names now, while the model is whole.
         self._adapter_keys = {label: _adapter_keys(m) for label, m in self.peft_models.items()}
+        storage = self.quant_config.quant_storage
         for model in find_models(module).values():
-            # One dtype per FSDP unit: norms too go to a 16-bit storage dtype.
-            self._cast_frozen(model, self.quant_config.quant_storage, keep_norms=False)
+            # One dtype per FSDP unit: every frozen float tensor (norms and a 16-bit compute
+            # dtype's embeddings too) takes the storage dtype of the packed 4-bit weights.
+            self._cast_frozen(model, storage, keep_norms=False, from_any=True)
+            packed = {p.dtype for p in model.parameters() if not p.requires_grad and type(p) is not nn.Parameter}
+            if packed - {storage}:
+                raise ValueError(
+                    f"the 4-bit weights are stored as {sorted(map(str, packed))}, not quant_storage={storage};"
+                    " a model quantized before setup must use the plugin's quant_storage."
+                )
         return module
+
+    @override
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        # A plain GradScaler checks only this rank's shard for inf/NaN; the sharded one agrees across ranks.
+        return ShardedGradScaler(device="cuda")
 
     @override
     def _check_strategy(self, strategy: Any) -> None:
@@ -113,11 +154,9 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
 
     def gather_trainable(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each model's adapter, whole, by PEFT's file keys, on rank 0 (empty elsewhere); all ranks call it."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         root = self._module.trainer.strategy.model
         gathered: dict[str, dict[str, torch.Tensor]] = {}
-        with FSDP.summon_full_params(root, writeback=False, rank0_only=True):
+        with summon_trainable(root, writeback=False, rank0_only=True):
             if self._module.trainer.is_global_zero:
                 for label, peft_model in self.peft_models.items():
                     keys = self._adapter_keys[label]
@@ -155,8 +194,18 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         self._root: nn.Module | None = None
 
     @override
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # Lightning enters this around configure_model: the last moment to fix "auto" storage
+        # before a model that quantizes while loading packs its weights.
+        if isinstance(self.precision_plugin, QLoRAFSDPPlugin):
+            self.precision_plugin.resolve_storage(self.root_device)
+        with super().tensor_init_context(empty_init):
+            yield
+
+    @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+        from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         if self._root is not None and self._root.module is model:
@@ -175,6 +224,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             device_id=device_id,
             **self.kwargs,
         )
+        # Metric states are plain tensors, not parameters: FSDP does not move them (as Lightning's own setup does).
+        _move_torchmetrics_to_device(model, self.root_device)
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         self._root = model
         return model
@@ -182,10 +233,8 @@ class QLoRAFSDPStrategy(FSDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The trainable tensors, whole, on rank 0, by the names a single-device run saves them under."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         module = self.lightning_module
-        with FSDP.summon_full_params(self.model, writeback=False, rank0_only=True):
+        with summon_trainable(self.model, writeback=False, rank0_only=True):
             if not self.is_global_zero:
                 return {}
             return {clean_name(n): p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
@@ -214,7 +263,7 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         plugin = self.precision_plugin
         assert isinstance(plugin, QLoRAFSDPPlugin)
         plugin.on_load_checkpoint(checkpoint)  # base, quantization and adapter must match, before any write
-        with FSDP.summon_full_params(self.model, writeback=True):
+        with summon_trainable(self.model, writeback=True):
             load_trainable_state(self.lightning_module, checkpoint.pop("state_dict"), path, rename=clean_name)
         saved_states = checkpoint.pop("optimizer_states", [])
         if self.lightning_module.trainer.state.fn == "fit" and saved_states:
@@ -242,6 +291,42 @@ class QLoRAFSDPStrategy(FSDPStrategy):
             FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
             FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
         )
+
+
+@contextlib.contextmanager
+def summon_trainable(root: nn.Module, writeback: bool, rank0_only: bool = False) -> Generator[None, None, None]:
+    """Gather, whole, only the FSDP units that hold trainable tensors: the adapters, never the base.
+
+    ``summon_full_params`` on the root would gather every unit, the whole 4-bit base on each
+    rank that asks, which is what FSDP was there to avoid. All ranks must call it.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(root, FSDP):
+        # Gathering a nested unit before the root's lazy init (e.g. loading a checkpoint before
+        # the first forward) would make that unit a root; summon_full_params(root) does this too.
+        from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+        _lazy_init(root, root)
+    with contextlib.ExitStack() as stack:
+        for unit in FSDP.fsdp_modules(root):
+            if any(p.requires_grad for p in _own_parameters(unit)):
+                stack.enter_context(
+                    FSDP.summon_full_params(unit, recurse=False, writeback=writeback, rank0_only=rank0_only)
+                )
+        yield
+
+
+def _own_parameters(unit: nn.Module) -> list[nn.Parameter]:
+    """The parameters an FSDP unit shards itself, not those of the units nested in it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    params, stack = [], [unit.module]
+    while stack:
+        module = stack.pop()
+        params.extend(module.parameters(recurse=False))
+        stack.extend(child for child in module.children() if not isinstance(child, FSDP))
+    return params
 
 
 def block_wrap_policy(module: nn.Module):

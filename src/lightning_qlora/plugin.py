@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import random
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ from lightning_qlora.loftq import LoftQInit
 from lightning_qlora.quant_error import ErrorRecorder, LayerError, summarize
 from lightning_qlora.quantize import QuantConfig, QuantReport, quantize_model, quantized_nbytes
 from lightning_qlora.recompute import reuse_recomputation
+from lightning_qlora.rng import gather_rng_states, rng_states_of_this_rank, set_rng_states
 
 log = logging.getLogger(__name__)
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
@@ -275,23 +275,38 @@ class QLoRAPlugin(MixedPrecision):
         if device.type == "cpu" and self.cpu_mmap_threshold and pin_mmap_threshold(self.cpu_mmap_threshold):
             log.debug("QLoRAPlugin: glibc mmap threshold pinned to %d bytes", self.cpu_mmap_threshold)
         if compute_dtype == torch.float16 and self.scaler is None and device.type == "cuda":
-            self.scaler = torch.amp.GradScaler(device="cuda")
+            self.scaler = self._new_scaler()
+
+    def _new_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler for fp16 compute on CUDA."""
+        return torch.amp.GradScaler(device="cuda")
+
+    def configs_before_setup(self) -> dict[str, dict[str, Any]]:
+        """The quant and adapter configs as a checkpoint records them, as far as known before setup.
+
+        A resume is checked against these before any model loads; keys that only setup
+        resolves are left out here and checked against the full record at setup.
+        """
+        return {"quant": plain_config(self.quant_config), "adapter": plain_config(self.adapter_config)}
 
     @staticmethod
-    def _cast_frozen(model: nn.Module, compute_dtype: torch.dtype, keep_norms: bool = True) -> None:
-        """Keep frozen float weights (embeddings, heads) in the 16-bit compute dtype.
+    def _cast_frozen(model: nn.Module, dtype: torch.dtype, keep_norms: bool = True, from_any: bool = False) -> None:
+        """Keep frozen float weights (embeddings, heads) in ``dtype``, the 16-bit compute dtype.
 
-        Norms stay fp32 and trainable weights keep fp32 master copies; on CPU the
-        compute dtype is fp32 and nothing changes.
+        Norms stay fp32 and trainable weights keep fp32 master copies; on CPU the compute
+        dtype is fp32 and nothing changes. ``from_any`` casts frozen weights of every float
+        dtype, not only fp32 (FSDP needs one dtype per unit).
         """
-        if compute_dtype == torch.float32:
+        if dtype == torch.float32 and not from_any:
             return
         for module in model.modules():
             if keep_norms and "norm" in type(module).__name__.lower():
                 continue
             for param in module.parameters(recurse=False):
-                if not param.requires_grad and param.dtype == torch.float32 and type(param) is nn.Parameter:
-                    param.data = param.data.to(compute_dtype)
+                if param.requires_grad or type(param) is not nn.Parameter or not param.is_floating_point():
+                    continue
+                if param.dtype != dtype and (from_any or param.dtype == torch.float32):
+                    param.data = param.data.to(dtype)
 
     @override
     @contextlib.contextmanager
@@ -309,7 +324,7 @@ class QLoRAPlugin(MixedPrecision):
         # RNG states come back right before the first step after a resume, so that LoRA
         # dropout draws the same masks as an uninterrupted run would.
         if self._pending_rng is not None:
-            _set_rng_states(self._pending_rng)
+            set_rng_states(self._pending_rng)
             self._pending_rng = None
         with self.forward_context():
             yield
@@ -383,7 +398,9 @@ class QLoRAPlugin(MixedPrecision):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"rng": _get_rng_states()}
+        # Lightning asks every rank (then rank 0 writes), so each rank's RNG can be kept.
+        ranks = gather_rng_states()
+        state: dict[str, Any] = {"rng": ranks[0], "rng_ranks": ranks}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
@@ -392,7 +409,7 @@ class QLoRAPlugin(MixedPrecision):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.scaler is not None and "scaler" in state_dict:
             self.scaler.load_state_dict(state_dict["scaler"])
-        self._pending_rng = state_dict.get("rng")
+        self._pending_rng = rng_states_of_this_rank(state_dict)
 
 
 def _adopt_loaded(report: QuantReport, errors: list[LayerError], model: nn.Module) -> None:
@@ -415,18 +432,3 @@ def _chain(*hooks):
             hook(name, weight, layer)
 
     return call
-
-
-def _get_rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    python = states["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.adapters import AdapterConfig
 from lightning_qlora.callbacks import LoRAAdapters
-from lightning_qlora.checkpoint import META_KEY, AtomicCheckpointIO, check_configs, plain_config, read_checkpoint
+from lightning_qlora.checkpoint import META_KEY, AtomicCheckpointIO, check_configs, read_checkpoint
 from lightning_qlora.cli.schema import validate_config
 from lightning_qlora.data import (
     PromptAnswerDataModule,
@@ -76,7 +76,7 @@ def resolve_resume(resume: str | None, out: Path, plugin: QLoRAPlugin | None = N
     # before any model loads; the base model itself is checked once it is loaded.
     saved = read_checkpoint(path)[META_KEY]
     if plugin is not None:
-        now = {"quant": plain_config(plugin.quant_config), "adapter": plain_config(plugin.adapter_config)}
+        now = plugin.configs_before_setup()
         for then in saved["models"].values():
             check_configs(then, now, str(path))
     return path
@@ -394,6 +394,12 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
 
 
 def _answers(trainer: L.Trainer, module, tokenizer, task: Task, rows: list[dict], max_new_tokens: int) -> list[str]:
+    """Rank 0's greedy answers to ``rows``, generated on the training device; other ranks get none."""
+    if not rows or not trainer.is_global_zero:
+        return []
+    # Lightning's teardown left the module on CPU: generating there would take minutes for a large
+    # model, and int8 layers keep their quantization state on the GPU (it does not follow .cpu()).
+    module.to(trainer.strategy.root_device)
     # The plugin's forward context (16-bit autocast on GPU) applies to generation as to training.
     with trainer.precision_plugin.forward_context():
         return [generate(module.model, tokenizer, task.to_pair(r)[0], max_new_tokens) for r in rows]
