@@ -3,6 +3,8 @@
     python bench/worker.py speed --side ours --model PATH --steps 10     # our QLoRAPlugin + Lightning
     python bench/worker.py speed --side peer --model PATH --steps 10     # transformers + bnb + PEFT loop
     python bench/worker.py quality --side qlora --steps 30                # eval loss after QLoRA / 16-bit LoRA
+    python bench/worker.py speed --side ours --model random:llama3-8b --device cuda   # built in-process, no files
+    python bench/worker.py gpu-paths                                      # the GPU paths import (CPU is enough)
 
 ``bench/run.py`` calls this; each run gets its own process so that peak memory (``ru_maxrss``)
 and allocator state never leak from one measurement into the next.
@@ -18,6 +20,8 @@ import resource
 import sys
 import time
 import warnings
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +140,117 @@ class StepLog:
         return out
 
 
+RANDOM_PREFIX = "random:"
+# About 1B parameters (Llama-3.2-1B's body with a 32k vocabulary): the GPU tests' bf16 model.
+LLAMA_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+# The test suite's tiny Llama: runs the in-process paths on a CPU in seconds.
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def random_shape(model: str) -> dict[str, Any] | None:
+    """The Llama shape named by ``random:<name>`` (llama3-8b, llama-1b, tiny); None for a directory."""
+    if not model.startswith(RANDOM_PREFIX):
+        return None
+    from bench.random_model import LLAMA3_8B
+
+    shapes = {"llama3-8b": LLAMA3_8B, "llama-1b": LLAMA_1B, "tiny": TINY}
+    name = model.removeprefix(RANDOM_PREFIX)
+    if name not in shapes:
+        raise ValueError(f"--model {model!r}: unknown random shape; use random:{', random:'.join(shapes)}.")
+    return dict(shapes[name])
+
+
+def random_llama(
+    shape: dict[str, Any] | Any,
+    device: Any,
+    dtype: Any,
+    seed: int = 0,
+    std: float = 0.02,
+    on_block: Callable[[Any], None] | None = None,
+) -> Any:
+    """A ``LlamaForCausalLM`` of ``shape`` with seeded random weights drawn on ``device``, no file involved.
+
+    The skeleton is built with its parameters on the meta device; each tensor is then drawn where
+    it will live, in its own generator seeded from ``seed`` and its name, so any two builds with the
+    same seed hold the same bits whatever else they do. ``on_block(block)`` runs right after each
+    decoder block's weights exist: quantizing there keeps at most one block in 16 bits at a time
+    (an 8B model never needs its 16 GB of bf16 weights at once).
+
+    Args:
+        shape: ``LlamaConfig`` keyword arguments, or a ``LlamaConfig``.
+        device: Where every weight is drawn (``"cuda"``, ``"cpu"``).
+        dtype: The weights' dtype (bf16 for a GPU run).
+        seed: Seeds every tensor's draw.
+        std: Standard deviation of the normal init (norm gains start at 1).
+        on_block: Called with each decoder block once its weights are drawn.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device = torch.device(device)
+    config = shape if isinstance(shape, LlamaConfig) else LlamaConfig(**shape)
+    # Parameters on meta; buffers (the rotary tables) computed for real, on the CPU.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    def draw(module_name: str, module: Any) -> None:
+        ones = "norm" in type(module).__name__.lower()
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            if ones:
+                data = torch.ones(param.shape, dtype=param.dtype, device=device)
+            else:
+                # crc32, not hash(): Python salts str hashes per process.
+                gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{module_name}.{leaf}".encode()))
+                data = torch.empty(param.shape, dtype=param.dtype, device=device).normal_(0.0, std, generator=gen)
+            module._parameters[leaf] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
+
+    # Embeddings, final norm and head first, then one block at a time.
+    for name, module in model.named_modules():
+        if name != "model.layers" and not name.startswith("model.layers."):
+            draw(name, module)
+    for i, block in enumerate(model.model.layers):
+        for name, module in block.named_modules(prefix=f"model.layers.{i}"):
+            draw(name, module)
+        if on_block is not None:
+            on_block(block)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # the head was drawn apart from the embeddings above: share them again
+    # Buffers only: Module.to would also visit the quantized weights, and transformers refuses .to()
+    # on some quantized models.
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[key] = buffer.to(device)
+    return model
+
+
 def _model_vocab(path: str) -> int:
+    shape = random_shape(path)
+    if shape is not None:
+        return shape["vocab_size"]
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path).vocab_size
@@ -152,6 +266,74 @@ def _pin_for_baseline(args: argparse.Namespace, log: StepLog) -> None:
     threshold = _threshold(args)
     if threshold is not None and args.device == "cpu":
         log.info["mmap_threshold_pinned"] = pin_mmap_threshold(threshold)
+
+
+def _device(args: argparse.Namespace) -> Any:
+    import torch
+
+    # An explicit index: bitsandbytes and Lightning both place on cuda:0.
+    return torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+
+
+def random_for_ours(args: argparse.Namespace, shape: dict[str, Any]) -> Any:
+    """The random model, each block quantized by our ``quantize_model`` as soon as its weights exist."""
+    import torch
+
+    from lightning_qlora import QuantConfig, quantize_model
+
+    device = _device(args)
+    config = QuantConfig()  # NF4 + double quantization; compute bf16 on the GPU, fp32 on CPU
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    # QLoRAPlugin then finds every layer quantized, as after a low-memory load, and adds the adapters.
+    return random_llama(shape, device, dtype, args.seed, on_block=lambda block: quantize_model(block, config, device))
+
+
+def random_for_peer(args: argparse.Namespace, shape: dict[str, Any], compute: Any) -> Any:
+    """The same random model, each block quantized as transformers' bitsandbytes integration does.
+
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))`` swaps every Linear
+    but the head for a ``Linear4bit`` built on meta, then loads each weight as
+    ``Params4bit(weight, requires_grad=False, ...)`` moved to the GPU, which is what quantizes it.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    device = _device(args)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+
+    def quantize(block: Any) -> None:
+        linears = [(n, m) for n, m in block.named_modules() if type(m) is torch.nn.Linear]
+        for name, linear in linears:
+            has_bias = linear.bias is not None
+            with torch.device("meta"):
+                new = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    has_bias,
+                    compute,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    quant_storage=torch.uint8,
+                )
+            weight = bnb.nn.Params4bit(
+                linear.weight.data,
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                module=new,
+            )
+            new.weight = weight.cuda(device) if device.type == "cuda" else weight.to(device)
+            if has_bias:
+                new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            new.requires_grad_(False)
+            block.set_submodule(name, new)
+
+    model = random_llama(shape, device, dtype, args.seed, on_block=quantize)
+    # What transformers' 4-bit quantizer sets: PEFT dispatches its bnb LoRA layers on it, and
+    # prepare_model_for_kbit_training then upcasts the embeddings, norms and head to fp32.
+    model.is_loaded_in_4bit = True
+    return model
 
 
 def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> Any:
@@ -173,9 +355,16 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
             log.stop(outputs["loss"])
 
     L.seed_everything(args.seed, verbose=False)
-    # On GPU load the (bf16) checkpoint as it is, as the peer does; the plugin quantizes it
-    # layer by layer onto the GPU. On CPU the module loads it in fp32 itself, as a user's run would.
-    model = load_model(args.model, dtype=torch.bfloat16) if args.device == "cuda" else args.model
+    shape = random_shape(args.model)
+    if shape is not None:
+        # Built in-process (the GPU case): each block quantized where it is drawn.
+        model = random_for_ours(args, shape)
+    elif args.device == "cuda":
+        # A bf16 checkpoint loaded as it is, as the peer does; the plugin quantizes it layer by layer onto the GPU.
+        model = load_model(args.model, dtype=torch.bfloat16)
+    else:
+        # On CPU the module loads it in fp32 itself, as a user's run would.
+        model = args.model
     # min_lr_ratio=1: a constant LR, like the peer's plain AdamW, so that the loss curves compare too.
     module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
@@ -212,15 +401,19 @@ def speed_peer(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     _pin_for_baseline(args, log)
     cuda = args.device == "cuda"
     compute = torch.bfloat16 if cuda else torch.float32
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, quantization_config=quant, device_map={"": 0 if cuda else "cpu"}, dtype=compute
-    )
+    shape = random_shape(args.model)
+    if shape is not None:
+        model = random_for_peer(args, shape, compute)
+    else:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, quantization_config=quant, device_map={"": 0 if cuda else "cpu"}, dtype=compute
+        )
     if args.peer_cpu_bf16 == "off":
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -306,6 +499,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "case": "speed",
         "side": args.side,
         "model": args.model,
+        # random:<shape>: weights drawn in-process (seeded by --seed), identical on both sides.
+        "model_shape": random_shape(args.model),
         "device": args.device,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -324,6 +519,36 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": round(time.perf_counter() - START, 2),
         "loadavg_before": before,
         "loadavg_after": loadavg(),
+    }
+
+
+def gpu_paths(args: argparse.Namespace) -> dict[str, Any]:
+    """Import everything the GPU case runs and build the 8B skeleton on meta: a CPU check of those paths."""
+    import accelerate
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin, QuantConfig, quantize_model  # noqa: F401
+
+    shape = random_shape(args.model)
+    if shape is None:
+        raise SystemExit(f"gpu-paths checks a random:<shape> model, not {args.model!r}.")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return {
+        "case": "gpu-paths",
+        "model": args.model,
+        "params": sum(p.numel() for p in model.parameters()),
+        "quantized_linears": len(linears),
+        "bnb_linear4bit": hasattr(bitsandbytes.nn, "Linear4bit") and hasattr(bitsandbytes.nn, "Params4bit"),
+        "cuda": torch.cuda.is_available(),
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, bitsandbytes, accelerate)},
     }
 
 
@@ -432,7 +657,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="case", required=True)
     sp = sub.add_parser("speed", help="time training steps of one side")
     sp.add_argument("--side", choices=("ours", "peer", "ours-loop"), required=True, help="ours-loop: diagnostic")
-    sp.add_argument("--model", required=True, help="a transformers model directory")
+    sp.add_argument(
+        "--model",
+        required=True,
+        help="a transformers model directory, or random:llama3-8b|llama-1b|tiny (built in-process, no files)",
+    )
     sp.add_argument("--steps", type=int, default=10)
     sp.add_argument("--warmup", type=int, default=2, help="first steps left out of the timings")
     sp.add_argument("--batch", type=int, default=2)
@@ -467,6 +696,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     qp.add_argument(
         "--fast-dropout", action=argparse.BooleanOptionalAction, default=True, help="qlora: cpu_fast_dropout"
     )
+    gp = sub.add_parser("gpu-paths", help="import the GPU case's code and build its model on meta (runs on CPU)")
+    gp.add_argument("--model", default="random:llama3-8b")
     for p in (sp, qp):
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -474,6 +705,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.case == "speed" and args.mmap_threshold not in ("default", "glibc") and not args.mmap_threshold.isdigit():
         parser.error(f"--mmap-threshold={args.mmap_threshold!r}: use 'default', 'glibc' or a number of bytes.")
+    if args.case in ("speed", "gpu-paths"):
+        try:
+            random_shape(args.model)
+        except ValueError as err:
+            parser.error(str(err))
+    if args.case == "speed" and args.side == "ours-loop" and random_shape(args.model) is not None:
+        parser.error("--side ours-loop loads a model directory; random:<shape> is for ours and peer.")
     if args.case == "speed" and not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup={args.warmup} must be in [0, --steps={args.steps}) so that some steps are timed.")
     return args
@@ -483,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Library chatter goes to stderr; stdout's last line is the result.
     warnings.filterwarnings("ignore", message=".*use_reentrant.*")
-    result = speed(args) if args.case == "speed" else quality(args)
+    result = {"speed": speed, "quality": quality, "gpu-paths": gpu_paths}[args.case](args)
     print(json.dumps(result), flush=True)
     return 0
 
