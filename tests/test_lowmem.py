@@ -149,8 +149,86 @@ def test_auto_low_memory_loads_fp32_when_the_budget_needs_it(tmp_path, monkeypat
     assert plugin.budget_plans  # planned on the fp32 weights
 
 
+def test_16_bit_compute_loads_the_budget_model_in_the_checkpoint_dtype(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_qlora import AdapterConfig, QLoRAPlugin
+    from lightning_qlora.modules import SequenceClassificationModule
+    from tests.conftest import counting_batches, loader, quiet_trainer
+
+    path = _save(tmp_path, torch.bfloat16)
+    loaded = {}
+    original = AutoModelForSequenceClassification.from_pretrained
+
+    def spy(*args, **kwargs):
+        loaded["dtype"] = kwargs["dtype"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
+    adapters = AdapterConfig(modules_to_save=("score",))
+    plugin = QLoRAPlugin(compute_dtype="bf16", keep_high_precision=0.05, adapters=adapters)
+    module = SequenceClassificationModule(str(path), num_labels=3, warmup_steps=0)
+    batches = [{**b, "labels": b["input_ids"][:, 0] % 3} for b in counting_batches(1)]
+    quiet_trainer(plugins=[plugin], max_steps=1).fit(module, loader(batches))
+    assert loaded["dtype"] == "auto" and plugin.budget_plans
+    # The new head is trained fully: fp32, as after an fp32 load, not the checkpoint's bf16.
+    trainable = {n: p.dtype for n, p in module.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and set(trainable.values()) == {torch.float32}
+
+
 def test_low_memory_value_is_checked():
     from lightning_qlora import CausalLMModule
 
     with pytest.raises(ValueError, match=r"low_memory='yes' should be True, False or 'auto'"):
         CausalLMModule("unused", low_memory="yes")
+
+
+@pytest.mark.parametrize("low_memory", [True, False], ids=["low-memory", "fp32"])
+def test_loads_on_the_host_under_a_device_context(tmp_path, low_memory):
+    # Lightning runs configure_model under `with torch.device(root_device)`; "meta" stands in for
+    # the accelerator: nothing may land there, however the model is loaded.
+    path = _save(tmp_path, torch.bfloat16)
+    kwargs = {"low_memory": True, "quant_config": QuantConfig()} if low_memory else {}
+    with torch.device("meta"):
+        model = load_model(path, **kwargs)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert {name for name, t in tensors.items() if t.device.type != "cpu"} == set()
+    assert model.is_loaded_in_4bit if low_memory else model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_checkpoint_dtype_load_keeps_the_quantized_layers_16_bit_and_the_rest_fp32(tmp_path):
+    path = _save(tmp_path, torch.bfloat16)
+    half = load_model(path, dtype="auto", quant_config=QuantConfig())
+    full = load_model(path)
+    dtypes = {name: p.dtype for name, p in half.named_parameters()}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.bfloat16
+    rest = {n: d for n, d in dtypes.items() if not n.endswith("proj.weight")}
+    assert set(rest.values()) == {torch.float32} and "lm_head.weight" in rest  # embeddings, norms, head
+    quantize_model(half, QuantConfig())
+    quantize_model(full, QuantConfig())
+    a, b = half.model.layers[1].mlp.down_proj.weight, full.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax)
+
+
+def _module_args(path, plugin, low_memory="auto"):
+    from types import SimpleNamespace
+
+    from lightning_qlora.models import low_memory_args
+
+    trainer = SimpleNamespace(precision_plugin=plugin, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    module = SimpleNamespace(hparams={"low_memory": low_memory}, trainer=trainer, _model_name=str(path))
+    return low_memory_args(module)
+
+
+def test_fp32_loads_use_the_checkpoint_dtype_only_for_16_bit_compute(tmp_path):
+    from lightning_qlora import QLoRAPlugin
+
+    path = _save(tmp_path, torch.bfloat16)
+    assert _module_args(path, QLoRAPlugin(keep_high_precision=0.05)) == {}  # fp32 compute: fp32, as before
+    plugin = QLoRAPlugin(compute_dtype="bf16", keep_high_precision=0.05)
+    assert _module_args(path, plugin) == {"dtype": "auto", "quant_config": plugin.quant_config}
+    assert _module_args(path, plugin, low_memory=False)["dtype"] == "auto"
+    assert _module_args(path, QLoRAPlugin(compute_dtype="bf16"))["low_memory"] is True
+    # The calibration forward of the budget needs one dtype throughout: fp32, as before.
+    calibrated = QLoRAPlugin(compute_dtype="bf16", keep_high_precision=0.05, calibration=torch.arange(16)[None])
+    assert _module_args(path, calibrated) == {}

@@ -48,7 +48,8 @@ def load_quantized(
     bytes, since both quantize the fp32 values), without holding the fp32 model in memory.
 
     Args:
-        name_or_path: A local directory with ``*.safetensors`` shards, or the embedded default.
+        name_or_path: A local directory with ``*.safetensors`` shards, a hub id (its shards are read
+            from the hub cache, fetched if missing), or the embedded default.
         config: Quantization settings (NF4 with double quantization by default).
         task: ``"causal-lm"`` or ``"sequence-classification"``.
         device: Where the quantized weights go (CPU by default).
@@ -59,29 +60,69 @@ def load_quantized(
     Returns:
         ``(model, report)``.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from lightning_qlora.models import resolve_model_path
+    from lightning_qlora.models import weights_dir
 
     if task not in _TASKS:
         raise ValueError(f"task={task!r} is unknown; use one of: {', '.join(_TASKS)}.")
     config = config or QuantConfig()
-    bnb = require_bitsandbytes()
-    path = Path(resolve_model_path(name_or_path))
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    require_bitsandbytes()
+    folder = weights_dir(name_or_path)
+    files = safetensors_files(folder) if folder is not None else []
     if not files:
         raise ValueError(
-            f"low-memory loading reads safetensors shards, and {path} has none; save the model with"
+            f"low-memory loading reads safetensors shards, and {str(name_or_path)!r} has none; save the model with"
             " save_pretrained(..., safe_serialization=True), or load it with model.low_memory=false."
         )
+    # Lightning's configure_model runs under `with torch.device(accelerator)`: what is made on
+    # the host here (skeleton buffers, unquantized weights) must not follow it there.
+    device = torch.device(device or "cpu")
+    with torch.device("cpu"):
+        return _load(folder, files, config, task, device, trust_remote_code, on_layer, config_kwargs)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The shards of the checkpoint in ``folder``: those its index names, else ``model.safetensors``, else all."""
+    from lightning_qlora.models import SAFETENSORS_INDEX
+
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise ValueError(
+                f"{index} is not a valid shard index ({err!r}); re-save or re-download the model."
+            ) from err
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} lacks {missing[0]}, which its index names ({len(missing)} shard(s) missing);"
+                " re-download or re-save the model."
+            )
+        return [folder / name for name in names]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+
+
+def _load(
+    path: Path,
+    files: list[Path],
+    config: QuantConfig,
+    task: str,
+    device: torch.device,
+    trust_remote_code: bool,
+    on_layer: Callable[[str, torch.Tensor, nn.Module], None] | None,
+    config_kwargs: dict,
+) -> tuple[nn.Module, QuantReport]:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    bnb = require_bitsandbytes()
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_kwargs)
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables etc. stay real
         model = cls.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=torch.float32)
 
     targets = {name: module for name, module in select_linears(model, config)[0]}
-    device = torch.device(device or "cpu")
     compute_dtype = config.resolve_compute_dtype(device)
     report = QuantReport(config.quant_type, compute_dtype, device)
     pending: dict[str, dict[str, torch.Tensor]] = {}
