@@ -31,5 +31,5 @@ def test_an_explicit_compute_dtype_is_kept(tiny_llama):
     prepare(tiny_llama, r=4, compute_dtype="bf16", verbose=False)
     layers = _layers(tiny_llama)
     batch = counting_batches(1, batch_size=2)[0]
-    tiny_llama(input_ids=batch["input_ids"])
+    tiny_llama(input_ids=batch["input_ids"]).logits.sum().backward()  # a whole step: no dropout mask left pending
     assert {layer.compute_dtype for layer in layers} == {torch.bfloat16}
