@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from lightning_qlora.cli.train import Preempted, run
+    from lightning_qlora.app.train import Preempted, run
 
     try:
         # In a sweep (-m), each job gets its own subdirectory of output_dir.

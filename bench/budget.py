@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from lightning_qlora.cli.train import build_data, build_module, load_splits
-    from lightning_qlora.data import get_task
-    from lightning_qlora.models import load_tokenizer
-    from lightning_qlora.plugin import QLoRAPlugin
+    from lightning_qlora.app.train import build_data, build_module, load_splits
+    from lightning_qlora.io.models import load_tokenizer
+    from lightning_qlora.lightning.plugin import QLoRAPlugin
+    from lightning_qlora.tasks.data import get_task
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["recipe=medical"])

@@ -1,4 +1,4 @@
-"""Predicted (lightning_qlora.estimate) vs measured peak RSS of real QLoRA training steps on CPU.
+"""Predicted (lightning_qlora.app.estimate) vs measured peak RSS of real QLoRA training steps on CPU.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/estimate_vs_measured.py        # ~15 min on 2 cores
     .venv/bin/python bench/estimate_vs_measured.py --only smollm2-135m/b2-s256
@@ -97,9 +97,9 @@ def child_train(shape: str, batch: int, seq: int, checkpointing: bool, answer: i
     torch.set_num_threads(1)
     from transformers import LlamaForCausalLM
 
-    from lightning_qlora.adapters import AdapterConfig, add_adapters
-    from lightning_qlora.modules.causal_lm import CausalLMModule
-    from lightning_qlora.quantize import QuantConfig, quantize_model
+    from lightning_qlora.core.adapters import AdapterConfig, add_adapters
+    from lightning_qlora.core.quantize import QuantConfig, quantize_model
+    from lightning_qlora.tasks.causal_lm import CausalLMModule
 
     rss_imports = _status_mib("VmRSS")
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    from lightning_qlora.estimate import FRAMEWORK_OVERHEAD, estimate_memory
+    from lightning_qlora.app.estimate import FRAMEWORK_OVERHEAD, estimate_memory
 
     overhead = run_child(["--child", json.dumps({"overhead": True})], "glibc-default")
     print(f"framework overhead: measured {overhead['rss_mib']:.1f} MiB, constant {FRAMEWORK_OVERHEAD / MiB:.1f} MiB")

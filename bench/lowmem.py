@@ -30,9 +30,9 @@ if __package__ in (None, ""):
 
 CHILD = """
 import json, sys, time
-from lightning_qlora.lowmem import load_quantized
-from lightning_qlora.models import load_model
-from lightning_qlora.quantize import quantize_model
+from lightning_qlora.core.lowmem import load_quantized
+from lightning_qlora.io.models import load_model
+from lightning_qlora.core.quantize import quantize_model
 
 def status(key):
     return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
@@ -90,7 +90,7 @@ def main() -> None:
     if args.hub:
         hub_main(args)
         return
-    from lightning_qlora.models import resolve_model_path
+    from lightning_qlora.io.models import resolve_model_path
 
     models = {"SmolLM2-135M-Instruct (fp32 safetensors)": resolve_model_path("smollm2-135m-instruct")}
     tmp = tempfile.TemporaryDirectory()
@@ -134,8 +134,8 @@ HUB_CHILD = """
 import json, sys, time
 import accelerate, bitsandbytes, torch, transformers
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from lightning_qlora.models import load_model
-from lightning_qlora.quantize import QuantConfig
+from lightning_qlora.io.models import load_model
+from lightning_qlora.core.quantize import QuantConfig
 from bench.common import hwm_mib, reset_hwm, rss_mib
 
 repo, side = sys.argv[1], sys.argv[2]

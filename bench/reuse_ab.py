@@ -4,9 +4,9 @@
 
 Separate processes on a shared 2-core machine swing by 10-30% from run to run, more than the
 effect measured here. One model trained with the 4-bit layers and LoRA dropouts switched
-between bitsandbytes/PEFT's stock classes and ``lightning_qlora.recompute``'s on every step
+between bitsandbytes/PEFT's stock classes and ``lightning_qlora.cpu.recompute``'s on every step
 sees the same machine state on both sides of each pair. The switch changes no result (the
-losses are bit-identical, ``tests/test_recompute.py``), only the work per step.
+losses are bit-identical, ``tests/cpu/test_recompute.py``), only the work per step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _switch(model, reuse: bool) -> None:
     import bitsandbytes as bnb
     from torch import nn
 
-    from lightning_qlora.recompute import ReplayDropout, _reuse_linear4bit
+    from lightning_qlora.cpu.recompute import ReplayDropout, _reuse_linear4bit
 
     layer = _reuse_linear4bit() if reuse else bnb.nn.Linear4bit
     dropout = ReplayDropout if reuse else nn.Dropout
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lightning_qlora import CausalLMModule, load_model, prepare
-    from lightning_qlora.models import resolve_model_path
+    from lightning_qlora.io.models import resolve_model_path
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.case == "quality":
         result = run_quality(args)
     elif args.case == "cpu":
-        from lightning_qlora.models import resolve_model_path
+        from lightning_qlora.io.models import resolve_model_path
 
         result = run_speed(args, resolve_model_path(args.model), "cpu")
     else:

@@ -369,8 +369,8 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
     kwargs = {} if args.mmap_threshold == "default" else {"cpu_mmap_threshold": _threshold(args)}
-    # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.recompute), for an A/B;
-    # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.dropout's.
+    # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.cpu.recompute), for an A/B;
+    # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.cpu.dropout's.
     plugin = QLoRAPlugin(cpu_reuse_recompute=args.reuse, cpu_fast_dropout=args.fast_dropout, **kwargs)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -559,9 +559,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
     from lightning_qlora import AdapterConfig, CausalLMModule, LoRAAdapters, QLoRAPlugin, add_adapters, load_model
-    from lightning_qlora.cli.train import build_data, load_splits
-    from lightning_qlora.data import get_task
-    from lightning_qlora.models import load_tokenizer
+    from lightning_qlora.app.train import build_data, load_splits
+    from lightning_qlora.io.models import load_tokenizer
+    from lightning_qlora.tasks.data import get_task
 
     torch.set_num_threads(args.threads)
     before_load = loadavg()

@@ -246,7 +246,8 @@ def test_export_and_merge_on_gpu(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lightning_qlora.export import dequantize_model, merge, read_metadata
+    from lightning_qlora.io.export import read_metadata
+    from lightning_qlora.io.merge import dequantize_model, merge
 
     L.seed_everything(0)
     model = _tiny_model()
@@ -297,7 +298,7 @@ def test_export_and_merge_on_gpu(tmp_path):
 
 LOWMEM_PEAK = """
 import json, sys, torch
-from lightning_qlora.lowmem import load_quantized
+from lightning_qlora.core.lowmem import load_quantized
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -331,8 +332,8 @@ def test_low_memory_load_straight_to_the_gpu(tmp_path, record_property):
     import bitsandbytes as bnb
     from transformers import LlamaForCausalLM
 
-    from lightning_qlora.lowmem import load_quantized
-    from lightning_qlora.models import load_model
+    from lightning_qlora.core.lowmem import load_quantized
+    from lightning_qlora.io.models import load_model
 
     layers = 6 if ON_GPU else 2
     if ON_GPU:
@@ -401,7 +402,7 @@ def test_int8_sample_answers_after_validation_run_on_the_device():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lightning_qlora.cli.train import _answers
+    from lightning_qlora.app.train import _answers
     from tests.conftest import VOCAB
 
     L.seed_everything(0)

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_qlora.adapters import ALL_LINEAR, AdapterConfig, add_adapters
-from lightning_qlora.quantize import QuantConfig, quantize_model
-from lightning_qlora.recompute import reuse_recomputation
+from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig, add_adapters
+from lightning_qlora.core.quantize import QuantConfig, quantize_model
+from lightning_qlora.cpu.recompute import reuse_recomputation
 
 _BITS = {4: "nf4", 8: "int8"}
 
@@ -51,12 +51,12 @@ def prepare(
             the 4-bit layers pick their compute dtype where they run, so a model prepared on CPU
             and then moved with ``.cuda()`` computes in bf16 (fp16 on GPUs without bf16 units).
         reuse_recompute: On CPU with checkpointing, dequantize and draw dropout masks once less
-            per step, with bit-identical results (``lightning_qlora.recompute``).
+            per step, with bit-identical results (``lightning_qlora.cpu.recompute``).
         fast_dropout: With ``reuse_recompute``, draw CPU dropout masks from 8 random bits per
-            element: torch's distribution, another stream (``lightning_qlora.dropout``).
+            element: torch's distribution, another stream (``lightning_qlora.cpu.dropout``).
         verbose: Print what was quantized and the trainable parameter count.
-        Others: as in :class:`~lightning_qlora.quantize.QuantConfig` and
-            :class:`~lightning_qlora.adapters.AdapterConfig`.
+        Others: as in :class:`~lightning_qlora.core.quantize.QuantConfig` and
+            :class:`~lightning_qlora.core.adapters.AdapterConfig`.
 
     Returns:
         The ``PeftModel`` wrapping ``model``.
@@ -89,7 +89,7 @@ def follow_device(model: nn.Module, config: QuantConfig) -> int:
     Returns:
         The number of layers that now follow their device.
     """
-    from lightning_qlora._bnb import require_bitsandbytes
+    from lightning_qlora.core.bnb import require_bitsandbytes
 
     bnb = require_bitsandbytes()
     hook = functools.partial(_resolve_on_device, config)

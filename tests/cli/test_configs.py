@@ -33,13 +33,13 @@ def test_every_option_composes_with_the_stable_keys(group, option):
         for part in key.split("."):
             assert part in node, f"{key} missing with {group}={option}"
             node = node[part]
-    from lightning_qlora.data.tasks import TASKS
+    from lightning_qlora.tasks.data.tasks import TASKS
 
     assert cfg.data.task in TASKS
 
 
 def test_holding_out_validation_is_deterministic_by_seed():
-    from lightning_qlora.cli.train import _hold_out
+    from lightning_qlora.app.train import _hold_out
 
     rows = [{"i": i} for i in range(20)]
     a = _hold_out({"train": rows}, 0.25, seed=3, source="x")

@@ -3,8 +3,8 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
+from lightning_qlora.app.config import config_problems, validate_config
 from lightning_qlora.cli.main import CONF_DIR
-from lightning_qlora.cli.schema import config_problems, validate_config
 
 
 def _cfg(*overrides: str):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_qlora.models import DEFAULT_MODEL
+from lightning_qlora.io.models import DEFAULT_MODEL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate table (and the batch split with ``--budget``); returns the exit code."""
-    from lightning_qlora.estimate import GiB, auto_batch_size, estimate_memory, load_config
+    from lightning_qlora.app.estimate import GiB, auto_batch_size, estimate_memory, load_config
 
     args = _parser().parse_args(argv)
     config = load_config(args.model)

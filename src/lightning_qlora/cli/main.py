@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return estimate_main([_ESTIMATE_KEYS.get(a.split("=", 1)[0], a) for a in _split_keys(argv[1:])])
         args = _parser().parse_args(argv)
         if args.command == "merge":
-            from lightning_qlora.export import merge
+            from lightning_qlora.io.merge import merge
 
             out = merge(args.adapter, args.output, base=args.base, dtype=args.dtype, force=args.force)
             print(f"merged model written to {out}")
@@ -107,10 +107,11 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
-    from lightning_qlora.adapters import load_adapters
-    from lightning_qlora.data.formatting import prompt_text
-    from lightning_qlora.export import load_base, read_metadata
-    from lightning_qlora.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from lightning_qlora.core.adapters import load_adapters
+    from lightning_qlora.io.export import read_metadata
+    from lightning_qlora.io.merge import load_base
+    from lightning_qlora.io.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from lightning_qlora.tasks.data.formatting import prompt_text
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} should be >= 1.")
@@ -144,7 +145,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from lightning_qlora.export import read_metadata
+    from lightning_qlora.io.export import read_metadata
 
     meta = read_metadata(args.adapter)
     if meta.get("training_config") and not args.recipe:
@@ -168,7 +169,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif meta.get("base_model"):
         cfg.model.name_or_path = meta["base_model"]
 
-    from lightning_qlora.cli.train import evaluate_adapter
+    from lightning_qlora.app.evaluate import evaluate_adapter
 
     metrics = evaluate_adapter(cfg, args.adapter, meta, args.split)
     print(json.dumps(metrics, indent=2))

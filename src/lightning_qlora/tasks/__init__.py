@@ -1,0 +1,9 @@
+"""Tasks: the LightningModules (causal LM, sequence classification), their data and metrics.
+
+May import: ``lightning_qlora.core``, ``.io``; Lightning.
+"""
+
+from lightning_qlora.tasks.causal_lm import CausalLMModule
+from lightning_qlora.tasks.classification import SequenceClassificationModule
+
+__all__ = ["CausalLMModule", "SequenceClassificationModule"]

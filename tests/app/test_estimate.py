@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from lightning_qlora.app.estimate import auto_batch_size, estimate_memory, quantized_linear_bytes
+from lightning_qlora.cli.estimate import main
+from lightning_qlora.core.adapters import AdapterConfig, add_adapters
+from lightning_qlora.core.quantize import quantize_model
+from tests.conftest import tiny_llama_config
+
+# The tiny config: hidden 64, intermediate 128, 2 layers, 4 heads of 16 (2 kv heads: kv width 32),
+# vocab 64, untied head. Batch 2 x seq 16 = 32 tokens, LoRA r=8 with dropout 0.05, fp32.
+TINY = dict(batch_size=2, seq_len=16, r=8, overhead_bytes=0)
+
+
+def test_tiny_estimate_is_pinned_by_hand():
+    est = estimate_memory(tiny_llama_config(), **TINY)
+    # Quantized: 73,728 weights in 14 layers -> 53,360 B (as pinned in test_quantize);
+    # unquantized: embeddings + head 2 x 64 x 64 fp32 = 32,768 B, five norms x 64 fp32 = 1,280 B.
+    assert est.base_weights == 53_360 + 32_768 + 1_280
+    # Per layer r x (in + out): q 8x128 + k 8x96 + v 8x96 + o 8x128 + gate/up/down 3 x 8x192 = 8,192; x 2 layers.
+    assert est.adapters == est.gradients == 16_384 * 4
+    assert est.optimizer == 16_384 * 8  # AdamW: two fp32 moments
+    # Per token and layer, fp32: q, k, v, attention out, residual, gate, silu, up = 2x64 + 2x32 + 64 + 3x128 = 640
+    # floats, + 4 heads' log-sum-exp + 2 norm scales = 2,584 B; adapters: mask and dropped input of every
+    # input (6 x 64 + 128 = 512) x 2 x 4 B = 4,096 B, + 7 x r outputs of lora_A = 224 B -> 6,904 B.
+    # Kept: (2 + 1) layer inputs x 64 + cos/sin 2 x 16 = 224 floats x 32 tokens = 28,672 B; plus
+    # bitsandbytes' one dequantized weight, 128 x 64 x 4 = 32,768 B. Recomputing a layer adds
+    # 32 x (6,904 + (2 x 128 + 2 x 64) x 4 gradient bytes) = 270,080 B; that beats the loss backward
+    # (3 fp32 copies of 2 x 15 x 64 logits = 23,040 B), so the logits are gone at the peak.
+    assert est.peak_at == "recompute of one checkpointed layer"
+    assert est.activations == 28_672 + 32_768 + 270_080
+    assert est.logits == 0
+    assert est.total == 681_072
+    assert est.setup_peak == 4 * 82_240  # every parameter in fp32, before quantizing
+
+
+def test_without_checkpointing_every_layer_is_kept_and_the_head_matters():
+    est = estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **TINY)
+    assert est.peak_at == "loss backward"
+    # Kept + workspace + gathered hidden states (30 x 64 x 4) + 2 layers x 32 tokens x 6,904 B.
+    assert est.activations == 28_672 + 32_768 + 7_680 + 441_856
+    assert est.logits == 23_040
+    answers = estimate_memory(tiny_llama_config(), gradient_checkpointing=False, answer_tokens=4, **TINY)
+    assert answers.logits == 3 * (2 * 4) * 64 * 4
+
+
+def test_weights_and_adapters_match_what_quantize_and_add_adapters_build(tiny_llama):
+    est = estimate_memory(tiny_llama.config, **TINY)
+    report = quantize_model(tiny_llama)
+    _, adapters = add_adapters(tiny_llama, AdapterConfig(r=8))
+    unquantized = sum(p.numel() * p.element_size() for p in tiny_llama.parameters() if p.dtype == torch.float32)
+    assert est.base_weights == report.bytes_after + unquantized - adapters.trainable * 4
+    assert est.adapters == adapters.trainable * 4
+
+
+def test_bits_per_weight_follow_the_formats():
+    n = 4096 * 4096
+    assert quantized_linear_bytes(4096, 4096, "nf4", True) * 8 / n == pytest.approx(4.127, abs=1e-3)
+    assert quantized_linear_bytes(4096, 4096, "fp4", False) * 8 / n == pytest.approx(4.5, abs=1e-3)
+    assert quantized_linear_bytes(4096, 4096, "int8", False) == n + 4 * 4096
+
+
+def test_16bit_compute_halves_activations_and_frozen_weights():
+    fp32 = estimate_memory(tiny_llama_config(), **TINY)
+    bf16 = estimate_memory(tiny_llama_config(), compute_dtype="bf16", **TINY)
+    assert bf16.base_weights == 53_360 + 32_768 // 2 + 1_280  # norms stay fp32
+    assert bf16.adapters == fp32.adapters
+    assert bf16.activations < 0.55 * fp32.activations
+
+
+def test_auto_batch_size_picks_the_largest_micro_batch_that_fits():
+    config = tiny_llama_config()
+    two, four = (estimate_memory(config, **dict(TINY, batch_size=b)).total for b in (2, 4))
+    kw = dict(r=8, overhead_bytes=0)
+    assert auto_batch_size(config, (two + four) // 2, 16, 8, **kw) == (2, 4)
+    assert auto_batch_size(config, four, 16, 8, **kw) == (4, 2)
+    assert auto_batch_size(config, 10**12, 16, 6, **kw) == (6, 1)
+    with pytest.raises(ValueError, match=r"budget 0.0 GiB cannot be met: batch 1 needs 0.0 GiB; raise the budget"):
+        auto_batch_size(config, 1000, 16, 8, **kw)
+    with pytest.raises(ValueError, match="effective_batch should be a positive integer"):
+        auto_batch_size(config, four, 16, 0, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(batch_size=0), "batch_size should be a positive integer, but got batch_size=0"),
+        (dict(seq_len=-1), "seq_len should be a positive integer"),
+        (dict(answer_tokens=17), "answer_tokens=17 should be between 1 and seq_len=16"),
+        (dict(quant_type="int4"), "quant_type='int4' is unknown"),
+        (dict(quant_type="int8", compute_dtype="bf16"), "int8' does not support compute_dtype=bf16"),
+        (dict(optimizer="sgd"), "optimizer='sgd' is unknown"),
+    ],
+)
+def test_bad_sizes_and_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_memory(tiny_llama_config(), **{**TINY, **kwargs})
+
+
+def test_configs_load_from_a_directory_or_a_file_and_bad_ones_raise(tmp_path):
+    from transformers import GPT2Config
+
+    tiny_llama_config().save_pretrained(tmp_path / "model")
+    expected = estimate_memory(tiny_llama_config(), **TINY).total
+    assert estimate_memory(tmp_path / "model", **TINY).total == expected
+    assert estimate_memory(tmp_path / "model" / "config.json", **TINY).total == expected
+    with pytest.raises(ValueError, match="no config.json"):
+        estimate_memory(tmp_path, **TINY)
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        estimate_memory(GPT2Config(), **TINY)
+
+
+def test_cli_prints_the_table_and_the_batch_split(tmp_path, capsys):
+    tiny_llama_config().save_pretrained(tmp_path)
+    assert main(["--model", str(tmp_path), "--batch-size", "2", "--seq-len", "16", "--r", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 2 x seq 16" in out and "total" in out and "peak at recompute" in out
+    assert (
+        main(["--model", str(tmp_path / "config.json"), "--batch-size", "8", "--seq-len", "16", "--budget", "64"]) == 0
+    )
+    assert "micro batch 8 x gradient accumulation 1 = effective batch 8" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="cannot be met"):
+        main(["--model", str(tmp_path), "--budget", "0.01"])
