@@ -1,6 +1,6 @@
 """Launched by tests/lightning/test_fsdp.py: a 2-process CPU fit (gloo) with FSDP-QLoRA or DDP.
 
-usage: python tests/lightning/fsdp_fit.py OUT {fsdp|fsdp-bf16|fsdp-bf16-lowmem|ddp} [RESUME_CKPT] [BASE_DIR]
+usage: python tests/lightning/fsdp_fit.py OUT {fsdp|fsdp-bf16-lowmem|ddp} [RESUME_CKPT] [BASE_DIR]
 
 Lightning's launcher re-runs this script for rank 1, as it would a user's script. Both
 strategies see the same model, seed and per-rank batches, so FSDP must train the adapters
@@ -90,9 +90,8 @@ def main(out: Path, mode: str, resume: str | None, base: str | None) -> None:
         # What a GPU run does: storage "auto" resolves to the bf16 compute dtype, and the base is
         # quantized while loading, inside configure_model, before convert_module runs.
         strategy, plugin = QLoRAFSDPStrategy(), QLoRAFSDPPlugin(compute_dtype="bf16")
-    elif mode.startswith("fsdp"):
-        # fsdp: storage "auto" (fp32 on CPU); fsdp-bf16: the storage a GPU run uses.
-        strategy, plugin = QLoRAFSDPStrategy(), QLoRAFSDPPlugin(quant_storage="bf16" if mode == "fsdp-bf16" else "auto")
+    elif mode == "fsdp":
+        strategy, plugin = QLoRAFSDPStrategy(), QLoRAFSDPPlugin()  # storage "auto": fp32 on CPU
     else:
         strategy, plugin = "ddp", QLoRAPlugin()
     if mode.startswith("fsdp"):

@@ -32,6 +32,9 @@ def _rng(folder: Path, name: str, rank: int) -> torch.Tensor:
 
 
 def test_fsdp_trains_the_adapters_ddp_trains_and_resumes(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
     _fit(tmp_path / "ddp", "ddp")
     _fit(tmp_path / "fsdp", "fsdp")
     ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
@@ -44,11 +47,18 @@ def test_fsdp_trains_the_adapters_ddp_trains_and_resumes(tmp_path):
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=0, atol=1e-6, msg=name)
     assert any(t.abs().sum() > 0 for n, t in fsdp.items() if "lora_B" in n)  # trained
 
-    # bf16 storage (what a GPU run uses): the frozen rest in bf16, the adapters kept in fp32.
-    _fit(tmp_path / "bf16", "fsdp-bf16")
+    # What a GPU run does: bf16 compute, storage "auto" (so bf16 too), the base quantized while loading
+    # (inside configure_model, before convert_module), and validation during the fit. "auto" must be
+    # resolved before configure_model packs the weights, or FSDP meets fp32-packed 4-bit weights beside
+    # bf16 norms ("Must flatten tensors with uniform dtype").
+    base = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(base, safe_serialization=True)
+    _fit(tmp_path / "bf16", "fsdp-bf16-lowmem", "", str(base))
     bf16 = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
     assert bf16.keys() == ddp.keys() and {t.dtype for t in bf16.values()} == {torch.float32}
-    assert all(t.abs().sum() > 0 for n, t in bf16.items() if "lora_B" in n)
+    assert all(t.abs().sum() > 0 and t.isfinite().all() for n, t in bf16.items() if "lora_B" in n)
+    (meta,) = torch.load(tmp_path / "bf16" / "last.ckpt", weights_only=True)["lightning_qlora"]["models"].values()
+    assert meta["quant"]["quant_storage"] == "bfloat16"
 
     # The checkpoint is adapter-only, by the names a DDP or single-device run uses.
     saved = torch.load(tmp_path / "fsdp" / "last.ckpt", weights_only=True)
@@ -71,26 +81,6 @@ def test_fsdp_trains_the_adapters_ddp_trains_and_resumes(tmp_path):
         for rank in (0, 1):
             gathered = tmp_path / folder / f"gathered{rank}.txt"
             assert not gathered.exists(), gathered.read_text()
-
-
-def test_fsdp_bf16_compute_quantizing_while_loading_validates_and_resumes(tmp_path):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    LlamaForCausalLM(tiny_llama_config()).save_pretrained(base, safe_serialization=True)
-    # "auto" storage must be the bf16 compute dtype before configure_model packs the weights,
-    # or FSDP meets fp32-packed 4-bit weights beside bf16 norms ("uniform dtype").
-    _fit(tmp_path / "run", "fsdp-bf16-lowmem", "", str(base))
-    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
-    (meta,) = saved["lightning_qlora"]["models"].values()
-    assert meta["quant"]["quant_storage"] == "bfloat16"
-    assert saved["global_step"] == 6
-    _fit(tmp_path / "resumed", "fsdp-bf16-lowmem", str(tmp_path / "run" / "last.ckpt"), str(base))
-    start = torch.load(tmp_path / "resumed" / "start.pt", weights_only=True)
-    assert start["global_step"] == 6
-    adapter = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
-    assert len(adapter) == 28 and all(t.isfinite().all() for t in adapter.values())
 
 
 def test_fsdp_refuses_integer_storage_and_unshardable_models():
