@@ -3,9 +3,10 @@
 import copy
 
 import bitsandbytes as bnb
+import pytest
 import torch
 
-from lightning_qlora import prepare
+from lightning_qlora import CPUOptions, prepare
 from tests.conftest import counting_batches
 
 
@@ -33,3 +34,31 @@ def test_an_explicit_compute_dtype_is_kept(tiny_llama):
     batch = counting_batches(1, batch_size=2)[0]
     tiny_llama(input_ids=batch["input_ids"]).logits.sum().backward()  # a whole step: no dropout mask left pending
     assert {layer.compute_dtype for layer in layers} == {torch.bfloat16}
+
+
+def _kinds(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules()}
+
+
+def test_cpu_options_choose_the_layers(tiny_llama):
+    prepare(tiny_llama, r=4, cpu=CPUOptions(reuse_recompute=False), verbose=False)
+    assert not _kinds(tiny_llama) & {"ReuseLinear4bit", "ReplayDropout", "LoRALinear4bit"}
+
+
+def test_deprecated_reuse_recompute_warns_and_keeps_stock_layers(tiny_llama):
+    with pytest.warns(DeprecationWarning, match=r"pass prepare\(cpu=CPUOptions\(reuse_recompute=False\)\) instead"):
+        prepare(tiny_llama, r=4, reuse_recompute=False, verbose=False)
+    assert not _kinds(tiny_llama) & {"ReuseLinear4bit", "ReplayDropout", "LoRALinear4bit"}
+
+
+def test_deprecated_fast_dropout_warns_and_draws_torch_masks(tiny_llama):
+    with pytest.warns(DeprecationWarning, match=r"prepare\(fast_dropout=\.\.\.\) is deprecated"):
+        prepare(tiny_llama, r=4, fast_dropout=False, verbose=False)
+    drops = [m for m in tiny_llama.modules() if type(m).__name__ == "ReplayDropout"]
+    assert len(drops) == 14 and not any(d.fast_masks for d in drops)
+
+
+def test_deprecated_keyword_and_cpu_together_are_refused(tiny_llama):
+    with pytest.raises(ValueError, match=r"^prepare\(\) got both cpu= and the deprecated fast_dropout=False;"):
+        prepare(tiny_llama, cpu=CPUOptions(), fast_dropout=False, verbose=False)
+    assert not _kinds(tiny_llama) & {"Linear4bit"}  # refused before anything was quantized

@@ -5,6 +5,7 @@ trainer = L.Trainer(plugins=[QLoRAPlugin()], callbacks=[LoRAAdapters(r=16)])
 
 from lightning_qlora.core.adapters import AdapterConfig, add_adapters
 from lightning_qlora.core.quantize import QuantConfig, quantize_model
+from lightning_qlora.cpu import CPUOptions
 from lightning_qlora.io.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lightning_qlora.lightning.callbacks import LoRAAdapters
 from lightning_qlora.lightning.fsdp import QLoRAFSDPPlugin, QLoRAFSDPStrategy
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "AdapterConfig",
+    "CPUOptions",
     "CausalLMModule",
     "LoRAAdapters",
     "QLoRAFSDPPlugin",

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig, add_adapters
 from lightning_qlora.core.quantize import QuantConfig, quantize_model
-from lightning_qlora.cpu.recompute import reuse_recomputation
+from lightning_qlora.cpu import CPUOptions, apply, options_from_aliases
 
 _BITS = {4: "nf4", 8: "int8"}
+# The keywords prepare took before CPUOptions, and the field each one sets.
+_CPU_ALIASES = {"reuse_recompute": "reuse_recompute", "fast_dropout": "fast_dropout"}
 
 
 def prepare(
@@ -31,9 +34,9 @@ def prepare(
     skip_modules: Sequence[str] = (),
     gradient_checkpointing: bool = True,
     device: torch.device | str | None = None,
-    reuse_recompute: bool = True,
-    fast_dropout: bool = True,
+    cpu: CPUOptions | None = None,
     verbose: bool = True,
+    **deprecated: Any,
 ):
     """Quantize ``model``'s frozen base and add LoRA adapters, in place.
 
@@ -50,10 +53,10 @@ def prepare(
         device: Where to quantize; defaults to where the weights are. With ``compute_dtype="auto"``
             the 4-bit layers pick their compute dtype where they run, so a model prepared on CPU
             and then moved with ``.cuda()`` computes in bf16 (fp16 on GPUs without bf16 units).
-        reuse_recompute: On CPU with checkpointing, dequantize and draw dropout masks once less
-            per step, with bit-identical results (``lightning_qlora.cpu.recompute``).
-        fast_dropout: With ``reuse_recompute``, draw CPU dropout masks from 8 random bits per
-            element: torch's distribution, another stream (``lightning_qlora.cpu.dropout``).
+        cpu: The CPU fast path (:class:`~lightning_qlora.CPUOptions`), applied once the adapters
+            exist (:func:`lightning_qlora.cpu.apply`). ``release_memory`` and ``mmap_threshold``
+            act here only at setup; the heap trim after each step needs ``QLoRAPlugin``. The
+            keywords ``reuse_recompute`` and ``fast_dropout`` are deprecated aliases of its fields.
         verbose: Print what was quantized and the trainable parameter count.
         Others: as in :class:`~lightning_qlora.core.quantize.QuantConfig` and
             :class:`~lightning_qlora.core.adapters.AdapterConfig`.
@@ -61,6 +64,7 @@ def prepare(
     Returns:
         The ``PeftModel`` wrapping ``model``.
     """
+    cpu = options_from_aliases(cpu, deprecated, _CPU_ALIASES, "prepare")
     if bits not in _BITS:
         raise ValueError(f"bits={bits!r} is not supported; use bits=4 or bits=8.")
     quant_type = quant_type or _BITS[bits]
@@ -72,8 +76,7 @@ def prepare(
     if quant.compute_dtype == "auto":
         follow_device(model, quant)
     peft_model, adapter_report = add_adapters(model, adapters)
-    if reuse_recompute:
-        reuse_recomputation(model, fast_dropout=fast_dropout)
+    apply(model, cpu)
     if verbose:
         print(quant_report.summary())
         print(adapter_report.summary())

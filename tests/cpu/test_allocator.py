@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_qlora.cpu import CPUOptions
 from lightning_qlora.cpu import allocator as cpu
 from lightning_qlora.lightning.plugin import QLoRAPlugin
 
@@ -53,6 +54,7 @@ import ctypes, sys
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from lightning_qlora import CPUOptions
 from lightning_qlora.lightning.plugin import QLoRAPlugin
 
 class MallInfo2(ctypes.Structure):
@@ -64,7 +66,7 @@ libc.mallinfo2.restype = MallInfo2
 config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
 threshold = None if sys.argv[1] == "none" else int(sys.argv[1])
-QLoRAPlugin(cpu_mmap_threshold=threshold).convert_module(LlamaForCausalLM(config))
+QLoRAPlugin(cpu=CPUOptions(mmap_threshold=threshold)).convert_module(LlamaForCausalLM(config))
 before = libc.mallinfo2().hblks
 blocks = [np.ones(100 * 1024 // 8) for _ in range(10)]  # 100 KiB: under glibc's initial 128 KiB threshold
 print(libc.mallinfo2().hblks - before)
@@ -99,6 +101,12 @@ class _Fragment(L.Callback):
 @glibc_only
 @pytest.mark.parametrize("release", [True, False])
 def test_heap_is_trimmed_when_rss_creeps_not_every_step(tiny_llama, release):
+    if release:
+        plugin = QLoRAPlugin(cpu=CPUOptions(release_memory=True))
+    else:
+        with pytest.warns(DeprecationWarning, match=r"cpu_release_memory=\.\.\.\) is deprecated"):
+            plugin = QLoRAPlugin(cpu_release_memory=False)  # the deprecated alias still takes effect
+
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -111,7 +119,6 @@ def test_heap_is_trimmed_when_rss_creeps_not_every_step(tiny_llama, release):
             return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
     probe = _Fragment()
-    plugin = QLoRAPlugin(cpu_release_memory=release)
     trainer = L.Trainer(
         accelerator="cpu",
         plugins=[plugin],
@@ -125,10 +132,10 @@ def test_heap_is_trimmed_when_rss_creeps_not_every_step(tiny_llama, release):
     trainer.fit(Module(), DataLoader([torch.randint(0, 16, (1, 8)) for _ in range(3)], batch_size=None))
     if release:
         # Step 1's freed 470 MiB put RSS over 1.25x its lowest point: trimmed once, not at steps 0 and 2.
-        assert plugin._creep_guard.trims == 1
+        assert plugin._cpu_path.trims == 1
         assert probe.drops[1] > 300 and max(probe.drops[0], probe.drops[2]) < 50, probe.drops
     else:
-        assert plugin._creep_guard.trims == 0
+        assert plugin._cpu_path.trims == 0
         assert max(probe.drops) < 50, probe.drops
 
 
@@ -147,7 +154,9 @@ def test_creep_guard_trims_only_above_its_growth_factor(monkeypatch):
 def test_bad_threshold():
     with pytest.raises(ValueError, match="threshold=0 should be a positive number of bytes"):
         cpu.pin_mmap_threshold(0)
-    with pytest.raises(ValueError, match="cpu_mmap_threshold=-1 should be a positive number of bytes"):
+    with pytest.raises(ValueError, match=r"CPUOptions\(mmap_threshold=-1\): expected a positive whole number of bytes"):
+        QLoRAPlugin(cpu=CPUOptions(mmap_threshold=-1))
+    with pytest.raises(ValueError, match=r"CPUOptions\(mmap_threshold=-1\)"):  # the deprecated alias, checked alike
         QLoRAPlugin(cpu_mmap_threshold=-1)
 
 

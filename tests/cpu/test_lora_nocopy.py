@@ -5,7 +5,7 @@ import pickle
 import torch
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-from lightning_qlora import prepare
+from lightning_qlora import CPUOptions, prepare
 from lightning_qlora.cpu.lora_nocopy import lora_linear4bit
 from tests.conftest import CountOps
 
@@ -21,7 +21,7 @@ def _forward_backward(layer, x):
 
 
 def test_same_output_and_gradients_without_the_copy(tiny_llama):
-    prepare(tiny_llama, r=4, dropout=0.0, reuse_recompute=False, verbose=False)
+    prepare(tiny_llama, r=4, dropout=0.0, cpu=CPUOptions(reuse_recompute=False), verbose=False)
     layer = tiny_llama.model.layers[0].mlp.up_proj
     assert type(layer) is PeftLinear4bit
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # a LoRA term that is not zero

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_qlora import prepare
+from lightning_qlora import CPUOptions, prepare
 from lightning_qlora.cpu.dropout import dropout_table, pack_mask, unpack_mask
 from lightning_qlora.cpu.recompute import ReplayDropout, _pending, reuse_recomputation
 from tests.conftest import VOCAB, CountOps, tiny_llama_config
@@ -96,7 +96,7 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
     torch.manual_seed(0)
     model = model_factory()
     kw = dict(r=4, alpha=8, dropout=0.1, gradient_checkpointing=gradient_checkpointing, verbose=False)
-    prepare(model, **kw, reuse_recompute=swap, fast_dropout=fast)
+    prepare(model, **kw, cpu=CPUOptions(reuse_recompute=swap, fast_dropout=fast))
     swapped = [m for m in model.modules() if type(m).__name__ in ("ReuseLinear4bit", "ReplayDropout")]
     assert len(swapped) == (28 if swap else 0)  # 2 layers x 7 projections, each with its LoRA dropout
     model.train()
@@ -178,7 +178,8 @@ def test_fast_masks_are_replayed_bit_for_bit(monkeypatch):
 
 
 def test_swapped_layers_still_are_bnb_layers_and_pickle(tiny_llama):
-    assert reuse_recomputation(prepare(tiny_llama, r=4, reuse_recompute=False, verbose=False)) == (14, 14)
+    stock = prepare(tiny_llama, r=4, cpu=CPUOptions(reuse_recompute=False), verbose=False)
+    assert reuse_recomputation(stock) == (14, 14)
     q = tiny_llama.model.layers[0].self_attn.q_proj
     assert isinstance(q.base_layer, bnb.nn.Linear4bit) and type(q.base_layer).__name__ == "ReuseLinear4bit"
     assert isinstance(q.lora_dropout["default"], nn.Dropout)

@@ -119,3 +119,36 @@ def test_base_fingerprint_embedding_checksum_matches_the_whole_table_sum():
     # Checkpoints written before the blockwise sum hold the whole-table fp64 value: they must still match.
     whole = float(tiny_llama.get_input_embeddings().weight.detach().double().abs().sum())
     assert base_fingerprint(tiny_llama)["embed"] == pytest.approx(whole, rel=1e-12)
+
+
+def test_adapter_checkpoint_keeps_trainable_tensors_once_and_can_leave_them_to_the_strategy():
+    from torch import nn
+
+    from lightning_qlora.lightning.checkpoint import AdapterCheckpoint
+
+    helper, layer = AdapterCheckpoint(), nn.Linear(2, 2)
+    layer.bias.requires_grad_(False)
+    meta = {"format": 1, "models": {}}
+    checkpoint = {"state_dict": {"weight": "gathered by FSDP"}}
+    helper.save(checkpoint, layer, meta, weights=False)  # QLoRAFSDPPlugin: the strategy gathered them
+    assert checkpoint == {"state_dict": {"weight": "gathered by FSDP"}, META_KEY: meta}
+    checkpoint = {"state_dict": {}}
+    helper.save(checkpoint, layer, meta)
+    assert list(checkpoint["state_dict"]) == ["weight"]  # the frozen bias stays out
+    helper.save(checkpoint, layer, {"format": 1, "models": {"other": {}}})
+    assert checkpoint[META_KEY] is meta  # a checkpoint with a record is left alone
+
+
+def test_rng_states_come_back_at_restore_not_at_load():
+    from lightning_qlora.lightning.checkpoint import AdapterCheckpoint
+
+    helper = AdapterCheckpoint()
+    torch.manual_seed(0)
+    state = helper.state_dict()
+    expected = torch.rand(4)
+    helper.load_state_dict(state)
+    drawn_between = torch.rand(4)  # loading alone does not rewind the stream
+    helper.rng.restore()
+    assert torch.equal(torch.rand(4), expected) and not torch.equal(drawn_between, expected)
+    helper.rng.restore()  # only once: a second call keeps the stream going
+    assert not torch.equal(torch.rand(4), expected)

@@ -5,14 +5,15 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin
+from lightning_qlora import CausalLMModule, CPUOptions, LoRAAdapters, QLoRAPlugin
 from lightning_qlora.core.quantize import QuantConfig, quantize_model
 from tests.conftest import LossRecorder, counting_batches, loader, quiet_trainer, tiny_llama_config
 
 
-def _fit(module, callbacks=(), steps=80, **plugin_kwargs):
+def _fit(module, callbacks=(), steps=80, plugin=None, **plugin_kwargs):
     recorder = LossRecorder()
-    trainer = quiet_trainer(plugins=[QLoRAPlugin(**plugin_kwargs)], callbacks=[recorder, *callbacks], max_steps=steps)
+    plugin = plugin or QLoRAPlugin(**plugin_kwargs)
+    trainer = quiet_trainer(plugins=[plugin], callbacks=[recorder, *callbacks], max_steps=steps)
     trainer.fit(module, loader(counting_batches(steps)))
     return trainer, recorder.losses
 
@@ -166,7 +167,7 @@ def test_cpu_precision_is_fp32(tiny_llama):
     assert tiny_llama.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.float32
 
 
-def _fit_dropout_llama(steps: int, **plugin_kwargs):
+def _fit_dropout_llama(steps: int, plugin=None, **plugin_kwargs):
     """A fresh tiny Llama fitted with LoRA dropout 0.1 and checkpointing: the model and its losses."""
     from transformers import LlamaForCausalLM
 
@@ -174,13 +175,13 @@ def _fit_dropout_llama(steps: int, **plugin_kwargs):
     model = LlamaForCausalLM(tiny_llama_config())
     module = CausalLMModule(model, lr=1e-2, warmup_steps=5)
     adapters = LoRAAdapters(r=8, alpha=16, dropout=0.1, gradient_checkpointing=True)
-    return model, _fit(module, [adapters], steps=steps, **plugin_kwargs)[1]
+    return model, _fit(module, [adapters], steps=steps, plugin=plugin, **plugin_kwargs)[1]
 
 
 def test_cpu_reuse_of_the_recompute_changes_no_loss():
     runs = {}
     for reuse in (False, True):
-        model, runs[reuse] = _fit_dropout_llama(6, cpu_reuse_recompute=reuse, cpu_fast_dropout=False)
+        model, runs[reuse] = _fit_dropout_llama(6, cpu=CPUOptions(reuse_recompute=reuse, fast_dropout=False))
         kinds = {type(m).__name__ for m in model.modules()}
         assert ({"ReuseLinear4bit", "ReplayDropout"} <= kinds) == reuse
     assert runs[True] == runs[False]  # every loss, bit for bit (dropout on: the masks are replayed)
@@ -189,7 +190,7 @@ def test_cpu_reuse_of_the_recompute_changes_no_loss():
 def test_cpu_fast_dropout_learns_like_torch_dropout():
     runs = {}
     for fast in (False, True):
-        model, runs[fast] = _fit_dropout_llama(40, cpu_fast_dropout=fast)
+        model, runs[fast] = _fit_dropout_llama(40, cpu=CPUOptions(fast_dropout=fast))
         drops = [m for m in model.modules() if type(m).__name__ == "ReplayDropout"]
         assert len(drops) == 14 and all(d.fast_masks == fast for d in drops)
     torch_masks, fast_masks = runs[False], runs[True]
@@ -217,3 +218,37 @@ def test_gradient_clipping_with_the_fused_cpu_optimizer(tiny_llama):
     assert norm() > 1
     plugin.clip_gradients(optimizer, clip_val=0.05)
     assert norm() == pytest.approx(0.05, rel=1e-4)
+
+
+def _swapped(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules()} & {"ReuseLinear4bit", "ReplayDropout", "LoRALinear4bit"}
+
+
+def test_deprecated_cpu_reuse_recompute_warns_and_runs_stock_layers():
+    with pytest.warns(DeprecationWarning, match=r"pass QLoRAPlugin\(cpu=CPUOptions\(reuse_recompute=False\)\) instead"):
+        plugin = QLoRAPlugin(cpu_reuse_recompute=False)
+    assert plugin.cpu_options == CPUOptions(reuse_recompute=False)
+    model, _ = _fit_dropout_llama(1, plugin=plugin)
+    assert not _swapped(model)  # stock bitsandbytes and PEFT layers
+
+
+def test_deprecated_cpu_fast_dropout_warns_and_draws_torch_masks():
+    with pytest.warns(DeprecationWarning, match=r"QLoRAPlugin\(cpu_fast_dropout=\.\.\.\) is deprecated"):
+        plugin = QLoRAPlugin(cpu_fast_dropout=False)
+    model, _ = _fit_dropout_llama(1, plugin=plugin)
+    drops = [m for m in model.modules() if type(m).__name__ == "ReplayDropout"]
+    assert len(drops) == 14 and not any(d.fast_masks for d in drops)
+
+
+def test_deprecated_cpu_mmap_threshold_sets_the_option():
+    # Not fitted: pinning the threshold is process-wide (tests/cpu/test_allocator.py runs it in a subprocess).
+    with pytest.warns(DeprecationWarning, match=r"pass QLoRAPlugin\(cpu=CPUOptions\(mmap_threshold=65536\)\) instead"):
+        plugin = QLoRAPlugin(cpu_mmap_threshold=65536)
+    assert plugin.cpu_options == CPUOptions(mmap_threshold=65536)
+
+
+def test_cpu_alias_and_cpu_options_together_are_refused():
+    with pytest.raises(ValueError, match=r"^QLoRAPlugin\(\) got both cpu= and the deprecated cpu_fast_dropout=False;"):
+        QLoRAPlugin(cpu=CPUOptions(), cpu_fast_dropout=False)
+    with pytest.raises(TypeError, match=r"QLoRAPlugin\(\) got an unexpected keyword argument 'cpu_reuse'"):
+        QLoRAPlugin(cpu_reuse=False)

@@ -1,17 +1,15 @@
 """CPU allocator policy: give freed activations back to the OS without slowing steps down.
 
 With glibc's default (dynamic) mmap threshold, activation buffers land on the heap after the
-first step, and memory freed between steps stays resident. Two remedies, measured on
-SmolLM2-135M with 2 threads (``bench/README.md``, "Allocator policy"):
+first step, and memory freed between steps stays resident. Two remedies (measured in
+``bench/README.md``, "Allocator policy"):
 
-- ``release_free_memory`` (``malloc_trim(0)``): the plugin calls it after setup, and after a
-  step through :class:`CreepGuard`, only when RSS has crept up. Called after every step, it
-  lowered the peak at batch 2 x 128 from 1814 to 1535 MiB while the checkpoint's mapping was
-  still held; without that mapping the gap is ~50 MB, and re-faulting each step's activations
-  cost ~150k page faults a step (:class:`CreepGuard` has the figures). It cannot lower the peak inside one step.
-- ``pin_mmap_threshold(65536)``, opt-in as ``QLoRAPlugin(cpu_mmap_threshold=65536)``: every
-  large buffer gets its own mapping, so batch 4 x 320 without checkpointing peaked at 4.5 GB
-  instead of 6.4 GB, but each step took 1.25-1.5x as long (page faults on every fresh mapping).
+- ``release_free_memory`` (``malloc_trim(0)``): called after setup, and after a step through
+  :class:`CreepGuard`, only when RSS has crept up. Trimming after every step would make each step
+  fault its activations back in. It cannot lower the peak inside one step.
+- ``pin_mmap_threshold(65536)``, opt-in as ``CPUOptions(mmap_threshold=65536)``: every large
+  buffer gets its own mapping and goes back to the OS when freed, so the peak inside a step drops
+  at large batches, but every fresh mapping is faulted in page by page, so steps are slower.
   ``lightning_qlora.app.estimate`` models this policy.
 """
 
@@ -53,11 +51,9 @@ class CreepGuard:
     """Trims the heap after a step only when RSS has crept up, not after every step.
 
     Trimming after every step hands the step's freed activations back to the OS, and the next
-    step faults them all in again: on SmolLM2-135M (batch 2 x 128) ~150k minor faults and
-    0.28 s of kernel time a step, against the peer stack's 49-70k and 0.10-0.12 s
-    (``bench/results/cpu-lowmem.json``), for a peak only ~50 MB lower. Without trimming, the freed
-    pages are reused from step to step and RSS after a step stays flat (986-1089 MiB over 20
-    steps); trimming is still worth it when fragmentation makes it grow.
+    step faults them all in again, for a peak barely lower (``bench/README.md``, "Trim only when
+    RSS creeps"). Without trimming, the freed pages are reused from step to step and RSS after a
+    step stays flat; trimming is still worth it when fragmentation makes it grow.
 
     Args:
         growth: Trim when RSS after a step exceeds the lowest RSS after any earlier
@@ -105,8 +101,8 @@ def copy_file_backed(module: nn.Module) -> int:
     transformers loads safetensors weights zero-copy: a weight of the file's dtype stays a view
     of the memory-mapped file, and one such view (say the embedding) keeps the whole mapping
     alive. Every page the loader read then stays resident, counted in RSS, long after the
-    quantized layers dropped their fp32 weights: 513 MiB of SmolLM2's 538 MB file against a
-    113 MB embedding. Copying the few remaining views lets the mapping go.
+    quantized layers dropped their fp32 weights: nearly the whole file for one embedding's worth
+    of views (``bench/README.md``). Copying the few remaining views lets the mapping go.
     """
     ranges = _file_mappings()
     if not ranges:

@@ -1,8 +1,7 @@
 """Exact Bernoulli dropout masks on CPU from 8 random bits per element instead of 64.
 
 Torch's CPU ``bernoulli_(p)`` draws a 64-bit number from the Mersenne Twister for every element,
-one element at a time. A LoRA dropout of SmolLM2-135M draws ~38M mask elements a step, which
-took ~8% of a training step on 2 cores (``bench/README.md``).
+one element at a time: a visible share of a LoRA training step on CPU (``bench/README.md``).
 
 :func:`keep_mask` draws the same distribution from one random byte per element: with
 ``k = 256 p``, a byte ``b`` drops its element when ``b < floor(k)``, keeps it when ``b > floor(k)``,
@@ -82,8 +81,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: torch.Size, table: torch.Tensor = _BYTE_BITS) -> torch.Tensor:
     """The bool tensor :func:`pack_mask` packed, or its elements mapped through ``table``'s rows.
 
-    One gather from a 256-row table (byte -> its 8 elements) instead of and/compare/convert passes:
-    3x faster on the replayed masks (SmolLM2 shapes, 2 threads).
+    One gather from a 256-row table (byte -> its 8 elements) instead of and/compare/convert passes
+    over the mask.
     """
     return table.index_select(0, packed.int()).reshape(shape)
 

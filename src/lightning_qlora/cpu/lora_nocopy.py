@@ -2,8 +2,8 @@
 
 PEFT's ``lora.bnb.Linear4bit.forward`` clones the base layer's output before adding the LoRA
 term ("defensively", for an old autograd problem with views). The sum that follows is out of
-place, so the copy is never needed; on SmolLM2-135M it copies 5.3 MB a layer, twice a step under
-checkpointing. ``LoRALinear4bit`` runs the plain single-adapter case without it, with the same
+place, so the copy is never needed, yet it costs a copy of every layer's output, twice a step under
+checkpointing (``bench/README.md``). ``LoRALinear4bit`` runs the plain single-adapter case without it, with the same
 operations otherwise, so the results are the same bit for bit (``tests/cpu/test_lora_nocopy.py``).
 Everything else (merged or disabled adapters, mixed batches, DoRA and other variants, GPUs) goes
 to PEFT's own forward.

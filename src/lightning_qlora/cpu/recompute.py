@@ -62,7 +62,7 @@ class _Pending(threading.local):
     that matches all three is exactly the mask a fresh draw would give, whichever layer asks.
     Entries live in one buffer that is reused from the start whenever nothing is waiting: kept as
     separate small tensors, they sat between the forward's freed activations on the heap and
-    raised the peak RSS by ~150 MB (SmolLM2-135M, batch 2 x 128).
+    raised the peak RSS (``bench/README.md``).
     """
 
     def __init__(self) -> None:
@@ -178,8 +178,8 @@ def _dequantize(weight: torch.Tensor, state: Any, dtype: torch.dtype) -> torch.T
 def _block_scales(state: Any) -> torch.Tensor:
     """A double-quantized weight's fp32 block scales, dequantized once and kept on its ``QuantState``.
 
-    The frozen weight's scales never change, so they need not be dequantized twice a step (fp32,
-    4 bytes per 64 weights: 6.6 MB for SmolLM2-135M).
+    The frozen weight's scales never change, so they need not be dequantized twice a step; kept
+    in fp32, they take 4 bytes per 64 weights.
     """
     cached = getattr(state, "_dense_absmax", None)
     if cached is None or cached[0] is not state.absmax:

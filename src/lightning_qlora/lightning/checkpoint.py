@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
+
+from lightning_qlora.lightning.rng import ResumableRNG
 
 META_KEY = "lightning_qlora"
 FORMAT_VERSION = 1
@@ -59,7 +61,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     emb = get_emb() if callable(get_emb) else None
     if emb is not None and getattr(emb, "weight", None) is not None:
         # Row blocks summed in fp64: a whole-table .double().abs() would briefly take 4x the
-        # embedding's size (450 MB on SmolLM2), the peak of an otherwise lean setup.
+        # embedding's size, the peak of an otherwise lean setup.
         weight = emb.weight.detach()
         checksum = float(sum(block.abs().sum(dtype=torch.float64) for block in weight.split(4096)))
     return {"model_type": getattr(config, "model_type", type(model).__name__), "config": digest, "embed": checksum}
@@ -153,6 +155,71 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             " resume from a checkpoint of a QLoRAPlugin run."
         )
     return checkpoint
+
+
+class AdapterCheckpoint:
+    """The checkpoint side of a QLoRA precision plugin, whose checkpoint hooks delegate here.
+
+    :meth:`save` keeps only the trainable tensors and records what they belong to; :meth:`load`
+    checks that record against this run, then copies the tensors in; :meth:`state_dict` and
+    :meth:`load_state_dict` carry the plugin's own state (every rank's RNG, the loss scaler).
+    """
+
+    def __init__(self) -> None:
+        self.fingerprints: dict[str, dict[str, Any]] = {}
+        self.rng = ResumableRNG()
+
+    def remember_base(self, label: str, model: nn.Module) -> None:
+        """Fingerprint ``model`` as the base of ``label``, the first time only (before it is quantized)."""
+        if label not in self.fingerprints:
+            self.fingerprints[label] = base_fingerprint(model)
+
+    def meta(self, labels: Iterable[str], quant: dict[str, Any], adapter: dict[str, Any]) -> dict[str, Any]:
+        """The record a checkpoint keeps under :data:`META_KEY`: base, quantization and adapter per model."""
+        models = {label: {"base": self.fingerprints[label], "quant": quant, "adapter": adapter} for label in labels}
+        return {"format": FORMAT_VERSION, "models": models}
+
+    def save(self, checkpoint: dict[str, Any], module: nn.Module, meta: dict[str, Any], weights: bool = True) -> None:
+        """Put ``meta`` in ``checkpoint`` and, with ``weights``, only ``module``'s trainable tensors.
+
+        ``weights=False`` when the strategy already gathered them (FSDP). A checkpoint that has a
+        record already is left alone.
+        """
+        if META_KEY in checkpoint:
+            return
+        if weights:
+            checkpoint["state_dict"] = trainable_state(module)
+        checkpoint[META_KEY] = meta
+
+    def check(self, checkpoint: dict[str, Any], meta: dict[str, Any], module: nn.Module) -> str:
+        """Raise unless ``checkpoint`` is ours and matches ``meta`` (this run's); its path."""
+        trainer = getattr(module, "_trainer", None)
+        path = str(getattr(trainer, "ckpt_path", None) or "checkpoint")
+        if META_KEY not in checkpoint:
+            raise ValueError(
+                f"{path} is not an adapter-only lightning-qlora checkpoint (no {META_KEY!r} entry);"
+                " resume from a checkpoint written by a QLoRAPlugin run."
+            )
+        check_meta(checkpoint[META_KEY], meta, path)
+        return path
+
+    def load(self, checkpoint: dict[str, Any], module: nn.Module, meta: dict[str, Any]) -> None:
+        """:meth:`check` ``checkpoint``, then copy its trainable tensors into ``module``."""
+        path = self.check(checkpoint, meta, module)
+        load_trainable_state(module, checkpoint["state_dict"], path)
+
+    def state_dict(self, scaler: Any = None) -> dict[str, Any]:
+        """Every rank's RNG states and, with fp16 on CUDA, the loss ``scaler``'s state; all ranks call it."""
+        state = self.rng.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], scaler: Any = None) -> None:
+        """Load the ``scaler``'s state now; this rank's RNG states wait for ``self.rng.restore()``."""
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        self.rng.load_state_dict(state)
 
 
 def _umask() -> int:

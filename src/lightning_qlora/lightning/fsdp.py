@@ -28,8 +28,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from typing_extensions import override
 
-from lightning_qlora.lightning.checkpoint import META_KEY
-from lightning_qlora.lightning.plugin import QLoRAPlugin, find_models
+from lightning_qlora.lightning.models import cast_frozen, find_models
+from lightning_qlora.lightning.plugin import QLoRAPlugin
 
 FSDP_INFIX = "_fsdp_wrapped_module."
 
@@ -103,7 +103,7 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
         for model in find_models(module).values():
             # One dtype per FSDP unit: every frozen float tensor (norms and a 16-bit compute
             # dtype's embeddings too) takes the storage dtype of the packed 4-bit weights.
-            self._cast_frozen(model, storage, keep_norms=False, from_any=True)
+            cast_frozen(model, storage, keep_norms=False, from_any=True)
             packed = {p.dtype for p in model.parameters() if not p.requires_grad and type(p) is not nn.Parameter}
             if packed - {storage}:
                 raise ValueError(
@@ -143,8 +143,8 @@ class QLoRAFSDPPlugin(QLoRAPlugin, FSDPPrecision):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # QLoRAFSDPStrategy already gathered the trainable tensors (to rank 0) by their clean names.
-        if self._module is not None and self.peft_models and META_KEY not in checkpoint:
-            checkpoint[META_KEY] = self.checkpoint_meta()
+        if self._module is not None and self.peft_models:
+            self._checkpoint.save(checkpoint, self._module, self.checkpoint_meta(), weights=False)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

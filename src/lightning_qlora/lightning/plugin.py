@@ -9,8 +9,6 @@ for ``configure_optimizers`` to see only the adapter parameters.
 from __future__ import annotations
 
 import contextlib
-import gc
-import logging
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -26,36 +24,19 @@ from lightning_qlora.core.adapters import AdapterConfig, AdapterReport, add_adap
 from lightning_qlora.core.budget import BudgetPlan, plan_budget
 from lightning_qlora.core.loftq import LoftQInit
 from lightning_qlora.core.quant_error import ErrorRecorder, LayerError, summarize
-from lightning_qlora.core.quantize import QuantConfig, QuantReport, quantize_model, quantized_nbytes
-from lightning_qlora.cpu.allocator import CreepGuard, copy_file_backed, pin_mmap_threshold, release_free_memory
-from lightning_qlora.cpu.recompute import reuse_recomputation
-from lightning_qlora.lightning.checkpoint import (
-    FORMAT_VERSION,
-    META_KEY,
-    base_fingerprint,
-    check_meta,
-    load_trainable_state,
-    plain_config,
-    trainable_state,
-)
-from lightning_qlora.lightning.rng import gather_rng_states, rng_states_of_this_rank, set_rng_states
+from lightning_qlora.core.quantize import QuantConfig, QuantReport, quantize_model
+from lightning_qlora.cpu import CPUFastPath, CPUOptions, options_from_aliases
+from lightning_qlora.lightning.checkpoint import AdapterCheckpoint, plain_config
+from lightning_qlora.lightning.models import adopt_loaded, cast_frozen, chain, find_models
 
-log = logging.getLogger(__name__)
+__all__ = ["SUPPORTED_STRATEGIES", "QLoRAPlugin", "find_models"]
+
 SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+# The keywords QLoRAPlugin took before CPUOptions, and the field each one sets.
+_CPU_ALIASES = {
+    f"cpu_{field}": field for field in ("mmap_threshold", "release_memory", "reuse_recompute", "fast_dropout")
+}
 _PRECISION_NAMES = {torch.float32: "32-true", torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}
-
-
-def find_models(module: nn.Module) -> dict[str, nn.Module]:
-    """The outermost transformers models inside ``module`` by attribute path; else ``module`` itself."""
-    from transformers import PreTrainedModel
-
-    if isinstance(module, PreTrainedModel):
-        return {"": module}
-    found: dict[str, nn.Module] = {}
-    for name, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel) and not any(name.startswith(p + ".") for p in found):
-            found[name] = sub
-    return found or {"": module}
 
 
 class QLoRAPlugin(MixedPrecision):
@@ -79,21 +60,9 @@ class QLoRAPlugin(MixedPrecision):
             int8, growing the quantized base by at most that fraction (see ``lightning_qlora.core.budget``).
         calibration: ``input_ids`` to rank layers for ``keep_high_precision`` by output error.
         int8_modules: Layers to quantize to int8 as given (e.g. the plan a saved adapter was trained with).
-        cpu_mmap_threshold: On CPU, pin glibc's mmap threshold to this many bytes (e.g. ``65536``):
-            a lower peak RSS at large batches for slower steps (see ``lightning_qlora.cpu.allocator``).
-        cpu_release_memory: On CPU, hand freed heap pages back to the OS (``malloc_trim``) after
-            setup, and after an optimizer step when RSS has crept 25% above its lowest point after
-            a step, so that it does not creep.
-        cpu_reuse_recompute: On CPU with gradient checkpointing, let the backward use the dense
-            weights dequantized in the recompute, and replay the forward's LoRA dropout masks there,
-            instead of computing both again; dequantize the block scales once; add the LoRA term
-            without PEFT's defensive copy of the base output: the same results bit for bit, in
-            fewer operations (``lightning_qlora.cpu.recompute``). ``False`` runs stock bitsandbytes
-            and PEFT layers.
-        cpu_fast_dropout: With ``cpu_reuse_recompute``, draw the LoRA dropout masks on CPU from
-            8 random bits per element instead of torch's 64 (``lightning_qlora.cpu.dropout``): exactly
-            the same Bernoulli distribution, from another random stream, so results are not
-            bit-equal to PEFT's. ``False`` draws torch's masks.
+        cpu: The CPU fast path (:class:`~lightning_qlora.CPUOptions`); it acts only when training on CPU.
+            The keywords ``cpu_mmap_threshold``, ``cpu_release_memory``, ``cpu_reuse_recompute`` and
+            ``cpu_fast_dropout`` are deprecated aliases of its fields.
     """
 
     def __init__(
@@ -107,10 +76,9 @@ class QLoRAPlugin(MixedPrecision):
         keep_high_precision: float | None = None,
         calibration: torch.Tensor | None = None,
         int8_modules: Sequence[str] = (),
-        cpu_mmap_threshold: int | None = None,
-        cpu_release_memory: bool = True,
-        cpu_reuse_recompute: bool = True,
-        cpu_fast_dropout: bool = True,
+        *,
+        cpu: CPUOptions | None = None,
+        **deprecated: Any,
     ) -> None:
         # MixedPrecision.__init__ is skipped on purpose: the precision depends on the
         # device, which is known only at setup; until then behave like plain fp32.
@@ -128,15 +96,8 @@ class QLoRAPlugin(MixedPrecision):
         self.calibration = calibration
         self.budget_plans: dict[str, BudgetPlan] = {}
         self.int8_modules = tuple(int8_modules)
-        if cpu_mmap_threshold is not None and (isinstance(cpu_mmap_threshold, bool) or cpu_mmap_threshold <= 0):
-            raise ValueError(
-                f"cpu_mmap_threshold={cpu_mmap_threshold!r} should be a positive number of bytes (e.g. 65536) or None."
-            )
-        self.cpu_mmap_threshold = cpu_mmap_threshold
-        self.cpu_release_memory = cpu_release_memory
-        self._creep_guard = CreepGuard()
-        self.cpu_reuse_recompute = cpu_reuse_recompute
-        self.cpu_fast_dropout = cpu_fast_dropout
+        self.cpu_options = options_from_aliases(cpu, deprecated, _CPU_ALIASES, type(self).__name__)
+        self._cpu_path = CPUFastPath(self.cpu_options)
         self.precision = "32-true"
         self.device = "cpu"
         self.scaler: torch.amp.GradScaler | None = None
@@ -147,8 +108,7 @@ class QLoRAPlugin(MixedPrecision):
         # Per-layer relative weight error of the quantization (lightning_qlora.core.quant_error.write_error_report).
         self.quant_errors: dict[str, list[LayerError]] = {}
         self._module: nn.Module | None = None
-        self._fingerprints: dict[str, dict[str, Any]] = {}
-        self._pending_rng: dict[str, Any] | None = None
+        self._checkpoint = AdapterCheckpoint()
         # A saved PEFT adapter to start from instead of fresh adapters (set by LoRAAdapters(load_from=...)).
         self.adapter_source: str | None = None
         # Errors of layers quantized while loading (low_memory), which convert_module then adopts.
@@ -180,8 +140,7 @@ class QLoRAPlugin(MixedPrecision):
         self._module = module
         for name, model in find_models(module).items():
             label = name or type(model).__name__
-            if label not in self._fingerprints:
-                self._fingerprints[label] = base_fingerprint(model)
+            self._checkpoint.remember_base(label, model)
             fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
             loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
             recorder = ErrorRecorder()
@@ -196,7 +155,7 @@ class QLoRAPlugin(MixedPrecision):
                 self.quant_config,
                 device,
                 show_progress=show,
-                on_layer=_chain(recorder, loftq),
+                on_layer=chain(recorder, loftq),
                 int8_modules=promoted,
             )
             if loftq is not None and not report.quantized:
@@ -206,7 +165,7 @@ class QLoRAPlugin(MixedPrecision):
                 )
             if not report.quantized and self._load_recorder is not None:
                 recorder, self._load_recorder = self._load_recorder, None
-                _adopt_loaded(report, recorder.errors, model)
+                adopt_loaded(report, recorder.errors, model)
             if recorder.errors:
                 self.quant_errors[label] = recorder.errors
                 rank_zero_info(f"QLoRAPlugin: {label}: {summarize(recorder.errors)}")
@@ -215,7 +174,6 @@ class QLoRAPlugin(MixedPrecision):
                 self.quant_reports[label] = report
                 rank_zero_info(f"QLoRAPlugin: {label}: {report.summary()}")
             if getattr(model, "peft_config", None):
-                self._reuse_recompute(model)
                 continue  # adapters already there: a second fit/validate/test on the same module
             if self.adapter_source is not None:
                 peft_model, adapter_report = load_adapters(
@@ -232,23 +190,9 @@ class QLoRAPlugin(MixedPrecision):
             self.peft_models[label] = peft_model
             self.adapter_reports[label] = adapter_report
             rank_zero_info(f"QLoRAPlugin: {label}: {adapter_report.summary()}")
-            self._cast_frozen(model, report.compute_dtype)
-            self._reuse_recompute(model)
-        if self.device == "cpu" and self.cpu_release_memory:
-            # The embedding's view of the mapped checkpoint would keep every page read resident.
-            copied = copy_file_backed(module)
-            if copied:
-                log.debug("QLoRAPlugin: copied %d bytes of file-backed weights to let the mapping go", copied)
-            # Loading and quantizing leave the fp32 weights' freed pages on the heap.
-            gc.collect()
-            release_free_memory()
+            cast_frozen(model, report.compute_dtype)
+        self._cpu_path.after_setup(module, self.device)
         return module
-
-    def _reuse_recompute(self, model: nn.Module) -> None:
-        if self.device == "cpu" and self.cpu_reuse_recompute:
-            layers, dropouts = reuse_recomputation(model, fast_dropout=self.cpu_fast_dropout)
-            if layers or dropouts:
-                log.debug("QLoRAPlugin: %d 4-bit layers and %d dropouts reuse the recompute", layers, dropouts)
 
     def _check_strategy(self, strategy: Any) -> None:
         if not isinstance(strategy, SUPPORTED_STRATEGIES) or isinstance(strategy, FSDPStrategy):
@@ -272,8 +216,6 @@ class QLoRAPlugin(MixedPrecision):
         self.compute_dtype = compute_dtype
         self.precision = _PRECISION_NAMES[compute_dtype]
         self.device = device.type
-        if device.type == "cpu" and self.cpu_mmap_threshold and pin_mmap_threshold(self.cpu_mmap_threshold):
-            log.debug("QLoRAPlugin: glibc mmap threshold pinned to %d bytes", self.cpu_mmap_threshold)
         if compute_dtype == torch.float16 and self.scaler is None and device.type == "cuda":
             self.scaler = self._new_scaler()
 
@@ -288,25 +230,6 @@ class QLoRAPlugin(MixedPrecision):
         resolves are left out here and checked against the full record at setup.
         """
         return {"quant": plain_config(self.quant_config), "adapter": plain_config(self.adapter_config)}
-
-    @staticmethod
-    def _cast_frozen(model: nn.Module, dtype: torch.dtype, keep_norms: bool = True, from_any: bool = False) -> None:
-        """Keep frozen float weights (embeddings, heads) in ``dtype``, the 16-bit compute dtype.
-
-        Norms stay fp32 and trainable weights keep fp32 master copies; on CPU the compute
-        dtype is fp32 and nothing changes. ``from_any`` casts frozen weights of every float
-        dtype, not only fp32 (FSDP needs one dtype per unit).
-        """
-        if dtype == torch.float32 and not from_any:
-            return
-        for module in model.modules():
-            if keep_norms and "norm" in type(module).__name__.lower():
-                continue
-            for param in module.parameters(recurse=False):
-                if param.requires_grad or type(param) is not nn.Parameter or not param.is_floating_point():
-                    continue
-                if param.dtype != dtype and (from_any or param.dtype == torch.float32):
-                    param.data = param.data.to(dtype)
 
     @override
     @contextlib.contextmanager
@@ -323,18 +246,14 @@ class QLoRAPlugin(MixedPrecision):
     def train_step_context(self) -> Generator[None, None, None]:
         # RNG states come back right before the first step after a resume, so that LoRA
         # dropout draws the same masks as an uninterrupted run would.
-        if self._pending_rng is not None:
-            set_rng_states(self._pending_rng)
-            self._pending_rng = None
+        self._checkpoint.rng.restore()
         with self.forward_context():
             yield
 
     @override
     def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:
         result = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        if self.device == "cpu" and self.cpu_release_memory:
-            # Only when RSS crept up: trimming every step re-faults the next step's activations.
-            self._creep_guard.after_step()
+        self._cpu_path.after_step()
         return result
 
     @override
@@ -355,23 +274,22 @@ class QLoRAPlugin(MixedPrecision):
         """What a checkpoint must match to be resumed: base, quantization and adapter per model."""
         quant, adapter = plain_config(self.quant_config), plain_config(self.adapter_config)
         quant["int8_modules"] = sorted(self.promoted())
-        models = {
-            label: {"base": self._fingerprints[label], "quant": quant, "adapter": adapter} for label in self.peft_models
-        }
-        return {"format": FORMAT_VERSION, "models": models}
+        return self._checkpoint.meta(self.peft_models, quant, adapter)
 
     def promoted(self, label: str | None = None) -> tuple[str, ...]:
         """Layers quantized to int8 by the precision budget (or as given), for ``label`` or any model."""
         plans = [p for k, p in self.budget_plans.items() if label is None or k == label]
         return tuple(n for p in plans for n in p.promoted) or self.int8_modules
 
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> str:
+        """Raise unless ``checkpoint`` is ours and matches this run's base, quantization and adapter; its path."""
+        return self._checkpoint.check(checkpoint, self.checkpoint_meta(), self._module)
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable tensors in the checkpoint, and record what they belong to."""
-        if self._module is None or not self.peft_models or META_KEY in checkpoint:
-            return
-        checkpoint["state_dict"] = trainable_state(self._module)
-        checkpoint[META_KEY] = self.checkpoint_meta()
+        if self._module is not None and self.peft_models:
+            self._checkpoint.save(checkpoint, self._module, self.checkpoint_meta())
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -380,55 +298,14 @@ class QLoRAPlugin(MixedPrecision):
         Lightning calls this after ``convert_module``, when the adapters exist; its own
         earlier, non-strict ``load_state_dict`` could not place them yet.
         """
-        if self._module is None:
-            return
-        path = self.check_checkpoint(checkpoint)
-        load_trainable_state(self._module, checkpoint["state_dict"], path)
-
-    def check_checkpoint(self, checkpoint: dict[str, Any]) -> str:
-        """Raise unless ``checkpoint`` is ours and matches this run's base, quantization and adapter; its path."""
-        path = str(getattr(self._module.trainer, "ckpt_path", None) or "checkpoint")
-        if META_KEY not in checkpoint:
-            raise ValueError(
-                f"{path} is not an adapter-only lightning-qlora checkpoint (no {META_KEY!r} entry);"
-                " resume from a checkpoint written by a QLoRAPlugin run."
-            )
-        check_meta(checkpoint[META_KEY], self.checkpoint_meta(), path)
-        return path
+        if self._module is not None:
+            self._checkpoint.load(checkpoint, self._module, self.checkpoint_meta())
 
     @override
     def state_dict(self) -> dict[str, Any]:
         # Lightning asks every rank (then rank 0 writes), so each rank's RNG can be kept.
-        ranks = gather_rng_states()
-        state: dict[str, Any] = {"rng": ranks[0], "rng_ranks": ranks}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        return self._checkpoint.state_dict(self.scaler)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.scaler is not None and "scaler" in state_dict:
-            self.scaler.load_state_dict(state_dict["scaler"])
-        self._pending_rng = rng_states_of_this_rank(state_dict)
-
-
-def _adopt_loaded(report: QuantReport, errors: list[LayerError], model: nn.Module) -> None:
-    """Fill ``report`` with the layers quantized while loading (``low_memory``), as if quantized here."""
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    errors.sort(key=lambda e: order.get(e.name, len(order)))  # file order -> model order
-    for error in errors:
-        report.quantized.append(error.name)
-        report.bytes_before += error.numel * 4  # lowmem reads every weight as fp32
-        report.bytes_after += quantized_nbytes(model.get_submodule(error.name))
-    report.already_quantized = [n for n in report.already_quantized if n not in set(report.quantized)]
-
-
-def _chain(*hooks):
-    """One ``on_layer`` hook calling each given (non-None) hook in turn."""
-    live = [h for h in hooks if h is not None]
-
-    def call(name: str, weight: torch.Tensor, layer: nn.Module) -> None:
-        for hook in live:
-            hook(name, weight, layer)
-
-    return call
+        self._checkpoint.load_state_dict(state_dict, self.scaler)

@@ -69,3 +69,29 @@ def set_rng_states(states: dict[str, Any]) -> None:
             return
         cuda = cuda[index]
     torch.cuda.set_rng_state(cuda)
+
+
+class ResumableRNG:
+    """Every rank's RNG states for a checkpoint, set again right before the first step after a resume.
+
+    Restored there, not when the checkpoint loads, so that LoRA dropout draws the masks an
+    uninterrupted run would have drawn.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"rng": rank 0's states, "rng_ranks": every rank's}``; a collective when a process group is up."""
+        ranks = gather_rng_states()
+        return {"rng": ranks[0], "rng_ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep this rank's saved states for :meth:`restore`."""
+        self._pending = rng_states_of_this_rank(state)
+
+    def restore(self) -> None:
+        """Set the states kept by :meth:`load_state_dict`, once; nothing when none are pending."""
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
