@@ -3,113 +3,173 @@
 Hydra already refuses unknown keys (the config is in struct mode) and unknown group
 options. This adds types, ranges and combinations, so that a run with three mistakes
 fails once, in a second, with all three named, instead of three times after loading a model.
+
+Each rule lives once, with its config dataclass: ``QuantConfig``, ``AdapterConfig``,
+``OptimizerConfig``, and :class:`TrainerConfig` and :class:`DataConfig` here. This module only
+maps each group's keys to those fields, and adds the few rules that span groups.
+
+The groups are not registered as typed Hydra structured configs on purpose: OmegaConf would
+then refuse ``adapter.r=sixteen`` while composing, alone and in its own words, before this check
+could name it along with every other problem.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-Rule = tuple[str, Callable[[Any], bool], str]
+from lightning_qlora.core import checks
+from lightning_qlora.core.adapters import AdapterConfig
+from lightning_qlora.core.checks import Check, Checked, is_bool, is_int, is_number, one_of
+from lightning_qlora.core.quantize import QuantConfig
+from lightning_qlora.tasks.optim import OptimizerConfig
+
+_MISSING = "<missing>"
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
+# trainer.<alias> -> optimizer.<key>: the optimizer's older names, kept for the command line.
+ALIASES = {"optimizer": "name", "lr": "lr", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps"}
 
 
-def _int(low: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+@dataclass(frozen=True)
+class TrainerConfig(Checked):
+    """The ``trainer`` group (conf/trainer/*.yaml documents each key), but for its optimizer aliases."""
+
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    max_steps: int
+    val_check_interval: int | float | None
+    accumulate_grad_batches: int
+    gradient_clip_val: float | None
+    log_every_n_steps: int
+    max_skipped_steps: int
+    checkpoint_every_n_steps: int
+
+    CHECKS = (
+        Check("max_steps", is_int(1), "an integer >= 1"),
+        Check("accumulate_grad_batches", is_int(1), "an integer >= 1"),
+        Check("log_every_n_steps", is_int(1), "an integer >= 1"),
+        Check("checkpoint_every_n_steps", is_int(1), "an integer >= 1"),
+        Check("max_skipped_steps", is_int(0), "an integer >= 0"),
+        Check("gradient_clip_val", lambda v: v is None or is_number(0)(v), "a number >= 0, or null"),
+        Check("devices", lambda v: v == "auto" or is_int(1)(v), "an integer >= 1, or auto"),
+        Check("num_nodes", is_int(1), "an integer >= 1"),
+        Check("strategy", lambda v: v in STRATEGIES, "auto, ddp or fsdp (trainer=ddp, trainer=fsdp)"),
+    )
+
+    def __post_init__(self) -> None:
+        self.check()
 
 
-def _num(low: float, strict: bool = False, high: float | None = None) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return False
-        above = v > low if strict else v >= low
-        return above and (high is None or v < high)
+@dataclass(frozen=True)
+class DataConfig(Checked):
+    """The ``data`` group (conf/data/default.yaml documents each key)."""
 
-    return ok
+    task: str
+    dataset: str
+    path: str | None
+    hub_config: str | None
+    sample_dir: str
+    max_length: int
+    batch_size: int
+    val_fraction: float
+    system: str | None
+    packing: bool
+
+    CHECKS = (
+        Check("batch_size", is_int(1), "an integer >= 1"),
+        Check("max_length", is_int(16), "an integer >= 16 (tokens)"),
+        Check("val_fraction", is_number(0, strict=True, high=1), "in (0, 1)", "0.2"),
+        Check("packing", is_bool, "true or false"),
+    )
+
+    def __post_init__(self) -> None:
+        self.check()
 
 
-def _one_of(*options: Any) -> Callable[[Any], bool]:
-    return lambda v: v in options
-
-
-def _bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-RULES: tuple[Rule, ...] = (
-    ("seed", _int(0), "an integer >= 0"),
-    ("overwrite", _bool, "true or false"),
-    ("model.trust_remote_code", _bool, "true or false (false unless you trust the model's code)"),
-    ("model.low_memory", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
-    ("quant.type", _one_of("nf4", "fp4", "int8"), "one of nf4, fp4, int8"),
-    ("quant.double_quant", _bool, "true or false"),
-    ("quant.compute_dtype", _one_of("auto", "bf16", "fp16", "fp32"), "one of auto, bf16, fp16, fp32"),
-    ("quant.quant_storage", _one_of("auto", "uint8", "bf16", "fp16", "fp32"), "one of auto, uint8, bf16, fp16, fp32"),
-    (
-        "quant.keep_high_precision",
-        lambda v: v is None or _num(0, strict=True, high=1)(v),
-        "null or in (0, 1), e.g. 0.05",
-    ),
-    ("adapter.r", _int(1), "a positive integer, e.g. 16"),
-    ("adapter.alpha", _num(0, strict=True), "a positive number, e.g. 2*r"),
-    ("adapter.dropout", _num(0, high=1), "in [0, 1), e.g. 0.05"),
-    ("adapter.gradient_checkpointing", _bool, "true or false"),
-    ("adapter.use_dora", _bool, "true or false"),
-    ("adapter.use_rslora", _bool, "true or false"),
-    ("adapter.init", _one_of("default", "loftq"), "one of default, loftq"),
-    ("trainer.max_steps", _int(1), "an integer >= 1"),
-    ("trainer.lr", _num(0, strict=True), "a positive number, e.g. 2e-4"),
-    ("trainer.weight_decay", _num(0), "a number >= 0"),
-    ("trainer.warmup_steps", _int(0), "an integer >= 0"),
-    ("trainer.accumulate_grad_batches", _int(1), "an integer >= 1"),
-    ("trainer.log_every_n_steps", _int(1), "an integer >= 1"),
-    ("trainer.checkpoint_every_n_steps", _int(1), "an integer >= 1"),
-    ("trainer.max_skipped_steps", _int(0), "an integer >= 0"),
-    ("trainer.optimizer", _one_of("adamw", "paged_adamw_8bit"), "one of adamw, paged_adamw_8bit"),
-    ("trainer.gradient_clip_val", lambda v: v is None or _num(0)(v), "a number >= 0, or null"),
-    ("trainer.devices", lambda v: v == "auto" or _int(1)(v), "an integer >= 1, or auto"),
-    ("trainer.num_nodes", _int(1), "an integer >= 1"),
-    (
-        "trainer.strategy",
-        _one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp"),
-        "auto, ddp or fsdp (trainer=ddp, trainer=fsdp)",
-    ),
-    ("data.batch_size", _int(1), "an integer >= 1"),
-    ("data.max_length", _int(16), "an integer >= 16 (tokens)"),
-    ("data.val_fraction", _num(0, strict=True, high=1), "in (0, 1), e.g. 0.2"),
-    ("data.packing", _bool, "true or false"),
-    ("logger.type", _one_of("csv", "tensorboard", "wandb"), "one of csv, tensorboard, wandb"),
+# Keys outside those dataclasses, by their full config key.
+RUN_CHECKS = (
+    Check("seed", is_int(0), "an integer >= 0"),
+    Check("overwrite", is_bool, "true or false"),
+    Check("model.trust_remote_code", is_bool, "true or false (false unless you trust the model's code)"),
+    Check("model.low_memory", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
+    Check("quant.keep_high_precision", lambda v: v is None or is_number(0, True, 1)(v), "null or in (0, 1)", "0.05"),
+    one_of("logger.type", ("csv", "tensorboard", "wandb")),
 )
+# Config key -> dataclass field, where they differ.
+_FIELDS = {"quant": {"type": "quant_type"}, "optimizer": {"name": "optimizer"}}
+
+
+def optimizer_keys(cfg: DictConfig) -> dict[str, str]:
+    """Where each optimizer setting is read: ``optimizer.<key>``, or its alias ``trainer.<alias>``
+    when that holds a value of its own (the trainer group only points it at the optimizer group).
+    """
+    trainer = cfg.get("trainer")
+    keys = {}
+    for alias, key in ALIASES.items():
+        given = isinstance(trainer, DictConfig) and alias in trainer and not OmegaConf.is_interpolation(trainer, alias)
+        keys[key] = f"trainer.{alias}" if given else f"optimizer.{key}"
+    return keys
+
+
+def optimizer_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The effective ``name``, ``lr``, ``weight_decay`` and ``warmup_steps``, aliases applied."""
+    return {key: OmegaConf.select(cfg, source) for key, source in optimizer_keys(cfg).items()}
+
+
+def _keys(cfg: DictConfig, group: str, schema: type[Checked]) -> dict[str, str]:
+    """Field -> the config key it is read from: renames, and for the optimizer, its aliases."""
+    if group == "optimizer":
+        return {_FIELDS[group].get(k, k): key for k, key in optimizer_keys(cfg).items()}
+    renamed = {field: key for key, field in _FIELDS.get(group, {}).items()}
+    return {f.name: f"{group}.{renamed.get(f.name, f.name)}" for f in fields(schema)}  # type: ignore[arg-type]
+
+
+def _values(cfg: DictConfig, keys: Mapping[str, str]) -> dict[str, Any]:
+    """Field -> value, for the keys ``cfg`` has (a config without a group, e.g. in a test, is not wrong)."""
+    return {f: v for f, key in keys.items() if (v := OmegaConf.select(cfg, key, default=_MISSING)) != _MISSING}
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every problem with ``cfg``, one short phrase each (empty when it is fine)."""
-    problems = []
-    for key, ok, expected in RULES:
-        value = OmegaConf.select(cfg, key, default="<missing>")
-        if value == "<missing>":
-            continue  # a config without that group (e.g. in a test) is not wrong
-        if not ok(value):
-            problems.append(f"{key}={value!r} should be {expected}")
+    run_keys = {rule.field: rule.field for rule in RUN_CHECKS}
+    problems = checks.config_problems(RUN_CHECKS, _values(cfg, run_keys), str)
+    for group, schema in (
+        ("quant", QuantConfig),
+        ("adapter", AdapterConfig),
+        ("trainer", TrainerConfig),
+        ("optimizer", OptimizerConfig),
+        ("data", DataConfig),
+    ):
+        keys = _keys(cfg, group, schema)
+        values = _values(cfg, keys)
+        if values.get("quant_storage") == "auto":
+            values["quant_storage"] = "uint8"  # what auto means without FSDP; under FSDP, always a float
+        problems += schema.problems(values, key=keys.__getitem__)
+    return problems + _across_groups(cfg)
+
+
+def _across_groups(cfg: DictConfig) -> list[str]:
+    """The rules that span groups, each written here only."""
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
-    if get("quant.type") == "int8" and get("quant.compute_dtype") == "bf16":
-        problems.append("quant.type=int8 cannot compute in bf16; use quant.compute_dtype=fp16, fp32 or auto")
-    if get("quant.type") == "int8" and get("quant.quant_storage") not in (None, "auto", "uint8"):
-        problems.append("quant.quant_storage applies to 4-bit types only; keep uint8 with int8")
+    problems = []
     if get("quant.keep_high_precision") is not None and get("quant.type") == "int8":
         problems.append("quant.keep_high_precision promotes 4-bit layers to int8; use it with nf4 or fp4")
     if get("quant.keep_high_precision") is not None and get("model.low_memory") is True:
         problems.append("quant.keep_high_precision measures the unquantized weights; set model.low_memory=false")
     if get("adapter.init") == "loftq" and get("quant.type") == "int8":
         problems.append("adapter.init=loftq needs a 4-bit quant.type (nf4 or fp4)")
-    if get("adapter.init") == "loftq" and get("adapter.use_dora") is True:
-        problems.append("adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one")
     if get("adapter.init") == "loftq" and get("model.low_memory") is True:
         problems.append("adapter.init=loftq needs the unquantized weights; set model.low_memory=false")
-    if get("trainer.accelerator") == "cpu" and get("trainer.optimizer") == "paged_adamw_8bit":
-        problems.append("trainer.optimizer=paged_adamw_8bit needs a GPU; use adamw on CPU")
+    name_key = optimizer_keys(cfg)["name"]
+    # An explicit choice; optimizer=auto picks AdamW on CPU (tasks.optim.resolve_optimizer).
+    if get("trainer.accelerator") == "cpu" and get(name_key) == "paged_adamw_8bit":
+        problems.append(f"{name_key}=paged_adamw_8bit needs a GPU; use adamw on CPU")
     devices, cores = get("trainer.devices"), os.cpu_count() or 1
     if get("trainer.accelerator") == "cpu" and isinstance(devices, int) and devices > cores:
         problems.append(f"trainer.devices={devices} CPU processes is more than this machine's {cores} cores")

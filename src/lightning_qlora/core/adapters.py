@@ -9,11 +9,14 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
+from lightning_qlora.core.checks import Check, Checked, Combo, is_bool, is_int, is_number, one_of
 from lightning_qlora.core.quantize import head_names
 
 log = logging.getLogger(__name__)
@@ -22,8 +25,15 @@ ALL_LINEAR = "all-linear"
 INITS = ("default", "loftq")
 
 
+def _names_something(targets: Any) -> bool:
+    """A non-empty string, or a non-empty collection of names."""
+    if isinstance(targets, str):
+        return bool(targets)
+    return isinstance(targets, Collection) and len(targets) > 0
+
+
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Checked):
     """Which LoRA adapters to add, with the loralib names PEFT uses.
 
     Args:
@@ -51,23 +61,35 @@ class AdapterConfig:
     use_rslora: bool = False
     init: str = "default"
 
+    # The rules, here only: the constructor raises on them, and the run config check
+    # (app/config.py) reports them under the adapter.* keys.
+    CHECKS = (
+        Check("r", is_int(1), "a positive integer", "16"),
+        Check("alpha", is_number(0, strict=True), "a positive number", "2*r"),
+        Check("dropout", is_number(0, high=1), "in [0, 1)", "0.05"),
+        Check(
+            "target_modules",
+            _names_something,
+            f"{ALL_LINEAR!r}, a list of layer names or a regex",
+            python=f"{{name}} is empty; use {ALL_LINEAR!r} or a list such as ['q_proj', 'v_proj'].",
+        ),
+        Check("gradient_checkpointing", is_bool, "true or false"),
+        Check("use_dora", is_bool, "true or false"),
+        Check("use_rslora", is_bool, "true or false"),
+        one_of("init", INITS),
+        Combo(
+            ("init", "use_dora"),
+            lambda init, dora: not (init == "loftq" and dora),
+            config="{init}=loftq and {use_dora}=true cannot be combined; choose one",
+            python="{init}='loftq' with {use_dora}=True is not supported; choose one of them.",
+        ),
+    )
+
     def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is unknown; use one of: {', '.join(INITS)}.")
-        if self.init == "loftq" and self.use_dora:
-            raise ValueError("init='loftq' with use_dora=True is not supported; choose one of them.")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r should be a positive integer, but got r={self.r!r}; try r=16.")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
-            raise ValueError(f"alpha should be a positive number, but got alpha={self.alpha!r}; try alpha=2*r.")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout should be in [0, 1), but got dropout={self.dropout!r}; try 0.05.")
-        targets = self.target_modules
-        if not isinstance(targets, str):
-            targets = tuple(targets)
-            object.__setattr__(self, "target_modules", targets)
-        if not targets:
-            raise ValueError(f"target_modules is empty; use {ALL_LINEAR!r} or a list such as ['q_proj', 'v_proj'].")
+        self.check()
+        # Checked: now only normalize to tuples (a string target stays: all-linear or a regex).
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
         saves = self.modules_to_save
         object.__setattr__(self, "modules_to_save", (saves,) if isinstance(saves, str) else tuple(saves or ()))
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_qlora.core.bnb import quantized_linear_types, require_bitsandbytes
+from lightning_qlora.core.checks import Check, Checked, Combo, is_bool, one_of
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 # Leaf names of heads that stay unquantized: causal-LM head, sequence-classification
@@ -32,6 +34,7 @@ _DTYPE_NAMES = {
     "uint8": torch.uint8,
 }
 _STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def parse_dtype(value: str | torch.dtype, what: str, allowed: Iterable[torch.dtype]) -> torch.dtype:
@@ -44,8 +47,17 @@ def parse_dtype(value: str | torch.dtype, what: str, allowed: Iterable[torch.dty
     return dtype
 
 
+def _dtype(value: Any) -> torch.dtype | None:
+    """``value`` as a dtype (a name such as ``"bf16"``, or a dtype), or None if it names none."""
+    return value if isinstance(value, torch.dtype) else _DTYPE_NAMES.get(str(value).lower())
+
+
+def _is_int8(value: Any) -> bool:
+    return str(value).lower() == "int8"
+
+
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(Checked):
     """How to quantize the frozen base weights.
 
     Args:
@@ -65,28 +77,47 @@ class QuantConfig:
     quant_storage: str | torch.dtype = "uint8"
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
 
+    # The rules, here only: the constructor raises on them, and the run config check
+    # (app/config.py) reports them under the quant.* keys.
+    CHECKS = (
+        one_of("quant_type", QUANT_TYPES, accepts=lambda v: str(v).lower() in QUANT_TYPES),
+        Check("double_quant", is_bool, "true or false"),
+        one_of(
+            "compute_dtype",
+            ("auto", "bf16", "fp16", "fp32"),
+            accepts=lambda v: v == "auto" or _dtype(v) in _COMPUTE_DTYPES,
+            verb="is not supported",
+        ),
+        one_of(
+            "quant_storage",
+            ("uint8", "bf16", "fp16", "fp32"),
+            accepts=lambda v: _dtype(v) in _STORAGE_DTYPES,
+            verb="is not supported",
+        ),
+        Combo(
+            ("quant_type", "compute_dtype"),
+            lambda t, c: not (_is_int8(t) and _dtype(c) == torch.bfloat16),
+            config="{quant_type}=int8 cannot compute in bf16; use {compute_dtype}=fp16, fp32 or auto",
+            python="{quant_type}='int8' does not support {compute_dtype}=bf16 (LLM.int8 matmuls run in fp16);"
+            " use {compute_dtype}='fp16', 'fp32' or 'auto'.",
+        ),
+        Combo(
+            ("quant_type", "quant_storage"),
+            lambda t, s: not _is_int8(t) or _dtype(s) == torch.uint8,
+            config="{quant_storage} applies to 4-bit types only; keep uint8 with int8",
+            python="{quant_storage} only applies to 4-bit types; use {quant_storage}='uint8' with int8.",
+        ),
+    )
+
     def __post_init__(self) -> None:
-        qt = str(self.quant_type).lower()
-        if qt not in QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r} is unknown; use one of: {', '.join(QUANT_TYPES)}.")
-        object.__setattr__(self, "quant_type", qt)
+        self.check()
+        # Checked: now only normalize (lower-case type, dtypes, tuples).
+        object.__setattr__(self, "quant_type", str(self.quant_type).lower())
         if self.compute_dtype != "auto":
-            dtype = parse_dtype(self.compute_dtype, "compute_dtype", (torch.float32, torch.bfloat16, torch.float16))
-            object.__setattr__(self, "compute_dtype", dtype)
-        storage = parse_dtype(self.quant_storage, "quant_storage", _STORAGE_DTYPES)
-        object.__setattr__(self, "quant_storage", storage)
-        if isinstance(self.skip_modules, str):
-            object.__setattr__(self, "skip_modules", (self.skip_modules,))
-        else:
-            object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
-        if qt == "int8":
-            if self.compute_dtype == torch.bfloat16:
-                raise ValueError(
-                    "quant_type='int8' does not support compute_dtype=bf16 (LLM.int8 matmuls run in fp16);"
-                    " use compute_dtype='fp16', 'fp32' or 'auto'."
-                )
-            if storage != torch.uint8:
-                raise ValueError("quant_storage only applies to 4-bit types; use quant_storage='uint8' with int8.")
+            object.__setattr__(self, "compute_dtype", _dtype(self.compute_dtype))
+        object.__setattr__(self, "quant_storage", _dtype(self.quant_storage))
+        skips = self.skip_modules
+        object.__setattr__(self, "skip_modules", (skips,) if isinstance(skips, str) else tuple(skips))
 
     def resolve_compute_dtype(self, device: torch.device | str) -> torch.dtype:
         """The compute dtype for ``device``: the explicit one, or what ``"auto"`` means there."""
