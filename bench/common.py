@@ -53,7 +53,7 @@ def hwm_mib() -> float:
 
 
 def pin_mmap_threshold(threshold: int) -> bool:
-    """``mallopt(M_MMAP_THRESHOLD, threshold)`` for this process, as ``QLoRAPlugin(cpu_mmap_threshold=...)`` does.
+    """``mallopt(M_MMAP_THRESHOLD, threshold)`` for this process, as ``CPUOptions(mmap_threshold=...)`` does.
 
     Lets the peer run under the same allocator policy as ours, without importing our package.
     """

@@ -1,4 +1,4 @@
-"""A/B of ``cpu_reuse_recompute`` inside one process: alternate steps between stock and reusing layers.
+"""A/B of ``CPUOptions(reuse_recompute=...)`` inside one process: alternate steps between stock and reusing layers.
 
     python bench/reuse_ab.py --pairs 10 --threads 2 --out bench/results/cpu-reuse-ab.json
 

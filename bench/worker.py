@@ -342,7 +342,7 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin, load_model
+    from lightning_qlora import CausalLMModule, CPUOptions, LoRAAdapters, QLoRAPlugin, load_model
 
     class Timer(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -368,10 +368,10 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     # min_lr_ratio=1: a constant LR, like the peer's plain AdamW, so that the loss curves compare too.
     module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
-    kwargs = {} if args.mmap_threshold == "default" else {"cpu_mmap_threshold": _threshold(args)}
+    kwargs = {} if args.mmap_threshold == "default" else {"mmap_threshold": _threshold(args)}
     # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.cpu.recompute), for an A/B;
     # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.cpu.dropout's.
-    plugin = QLoRAPlugin(cpu_reuse_recompute=args.reuse, cpu_fast_dropout=args.fast_dropout, **kwargs)
+    plugin = QLoRAPlugin(cpu=CPUOptions(reuse_recompute=args.reuse, fast_dropout=args.fast_dropout, **kwargs))
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -458,12 +458,14 @@ def speed_ours_loop(args: argparse.Namespace, batches: list[dict], log: StepLog)
     import torch
     from transformers import set_seed
 
-    from lightning_qlora import CausalLMModule, load_model, prepare
+    from lightning_qlora import CausalLMModule, CPUOptions, load_model, prepare
 
     set_seed(args.seed)
     _pin_for_baseline(args, log)
     model = load_model(args.model)
-    prepare(model, **LORA, gradient_checkpointing=args.gc, fast_dropout=args.fast_dropout, verbose=False)
+    # release_memory=False: the loop measures the layers, as before prepare() learned the plugin's trim.
+    cpu = CPUOptions(fast_dropout=args.fast_dropout, release_memory=False)
+    prepare(model, **LORA, gradient_checkpointing=args.gc, cpu=cpu, verbose=False)
     module = CausalLMModule(model)  # for its loss path; puts the model in train mode
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     log.info["compute_dtype"] = "float32"
@@ -558,7 +560,15 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from lightning_qlora import AdapterConfig, CausalLMModule, LoRAAdapters, QLoRAPlugin, add_adapters, load_model
+    from lightning_qlora import (
+        AdapterConfig,
+        CausalLMModule,
+        CPUOptions,
+        LoRAAdapters,
+        QLoRAPlugin,
+        add_adapters,
+        load_model,
+    )
     from lightning_qlora.app.train import build_data, load_splits
     from lightning_qlora.io.models import load_tokenizer
     from lightning_qlora.tasks.data import get_task
@@ -579,7 +589,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     gc = args.gc
     if args.side == "qlora":
         module = CausalLMModule(args.model, **optim)
-        plugin = QLoRAPlugin(cpu_fast_dropout=args.fast_dropout)
+        plugin = QLoRAPlugin(cpu=CPUOptions(fast_dropout=args.fast_dropout))
         plugins, callbacks, precision = [plugin], [LoRAAdapters(**LORA, gradient_checkpointing=gc)], None
     else:
         # 16-bit LoRA: the same adapters on the unquantized base (fp32 on CPU, bf16 autocast on GPU).
@@ -678,13 +688,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     sp.add_argument("--loss", choices=("ours", "hf"), default="ours", help="ours-loop: which loss path")
     sp.add_argument(
-        "--reuse", action=argparse.BooleanOptionalAction, default=True, help="ours: cpu_reuse_recompute (default on)"
+        "--reuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours: CPUOptions(reuse_recompute=...) (default on)",
     )
     sp.add_argument(
         "--fast-dropout",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="ours: cpu_fast_dropout, 8-bit dropout mask draws (default on)",
+        help="ours: CPUOptions(fast_dropout=...), 8-bit dropout mask draws (default on)",
     )
     qp = sub.add_parser("quality", help="eval loss after QLoRA or 16-bit LoRA on the medical sample")
     qp.add_argument("--side", choices=("qlora", "lora16"), required=True)
@@ -694,7 +707,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     qp.add_argument("--task", help="data.task override (default: the medical recipe's)")
     qp.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     qp.add_argument(
-        "--fast-dropout", action=argparse.BooleanOptionalAction, default=True, help="qlora: cpu_fast_dropout"
+        "--fast-dropout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="qlora: CPUOptions(fast_dropout=...)",
     )
     gp = sub.add_parser("gpu-paths", help="import the GPU case's code and build its model on meta (runs on CPU)")
     gp.add_argument("--model", default="random:llama3-8b")
