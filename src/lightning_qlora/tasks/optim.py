@@ -92,8 +92,8 @@ def build_optimizer(
         from lightning_qlora.core.bnb import require_bitsandbytes
 
         return require_bitsandbytes().optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    # PyTorch's fused AdamW on CPU, whose default is a per-tensor loop: over SmolLM2-135M's 420
-    # adapter tensors a step took 3.7 ms instead of 21 ms on 2 cores. CUDA keeps its default
+    # PyTorch's fused AdamW on CPU, whose default is a per-tensor loop over hundreds of small adapter
+    # tensors (bench/README.md has the timing). CUDA keeps its default
     # (foreach): a fused step there unscales fp16 gradients inside, where clipping cannot reach.
     fused = all(p.is_floating_point() and p.device.type == "cpu" for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
