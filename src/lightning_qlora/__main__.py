@@ -1,4 +1,4 @@
-"""``python -m lightning_qlora``: merge, generate, evaluate, estimate."""
+"""``python -m lightning_qlora``: the same as ``lightning-qlora`` (train, merge, generate, evaluate, estimate)."""
 
 import sys
 

@@ -1,5 +1,9 @@
 """A tiny random Llama saved with the default tokenizer, shared by the command-line tests."""
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,3 +24,15 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def cli_command() -> list[str]:
+    """The installed ``lightning-qlora`` console script beside this interpreter, else ``python -m``."""
+    script = Path(sys.executable).parent / "lightning-qlora"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lightning_qlora"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a command under test: warnings quiet, no checkout on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "PYTHONWARNINGS": "ignore", **extra}

@@ -1,4 +1,4 @@
-"""`python -m lightning_qlora merge|generate|evaluate` on a run of the real entry point."""
+"""`lightning-qlora train|merge|generate|evaluate` (= `python -m lightning_qlora`) on a tiny model."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli.conftest import cli_command, cli_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +25,9 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     overrides = [f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", "data.batch_size=2"]
     overrides += ["sample_prompts=0", f"output_dir={out}"]
-    done = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -68,3 +72,59 @@ def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "half" / "adapter_config.json").write_text("{}")
     _one_line_error(_cli("evaluate", "--adapter", str(tmp_path / "half")), "lacks adapter_model.safetensors")
     _one_line_error(_cli("generate"), "no prompt given")
+
+
+def test_help_lists_the_five_subcommands(tmp_path):
+    for command in (cli_command(), [sys.executable, "-m", "lightning_qlora"]):
+        result = subprocess.run(
+            [*command, "--help"], cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "{train,merge,generate,evaluate,estimate}" in result.stdout
+
+
+def _user_recipe(root: Path) -> Path:
+    """A recipe of the user's own, outside the package: news topics from a folder of their rows."""
+    conf = root / "my_conf"
+    (conf / "recipe").mkdir(parents=True)
+    (conf / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        "recipe: {name: mine}\n"
+        "data: {task: ag_news, dataset: my/news, path: null, hub_config: null, sample_dir: my_rows,\n"
+        "       max_length: 64, batch_size: 2, val_fraction: 0.25, system: null, packing: false}\n"
+        "adapter: {modules_to_save: [score]}\n"
+    )
+    rows = [{"text": f"news item {i} about topic {i % 4}", "label": i % 4} for i in range(12)]
+    (root / "my_rows").mkdir()  # train.jsonl only: validation is held out by seed
+    (root / "my_rows" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return conf
+
+
+def test_a_users_own_recipe_from_their_own_directory(tiny_model_dir, tmp_path):
+    conf = _user_recipe(tmp_path)
+    out = tmp_path / "run"
+    tiny = (f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", f"output_dir={out}")
+    result = subprocess.run(
+        [*cli_command(), "train", "--config-dir", "my_conf", "recipe=mine", *tiny],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the sample in my_rows (25% of train held out for validation by seed 0)" in (out / "report.md").read_text()
+    meta = json.loads((out / "adapter" / "lightning_qlora.json").read_text())
+    assert (meta["recipe"], meta["sample"]) == ("mine", None)
+    # The same recipe through Hydra's search path; the shipped recipes stay selectable beside it.
+    for recipe in ("mine", "legal"):
+        shown = subprocess.run(
+            [*cli_command(), "train", f"hydra.searchpath=[file://{conf}]", f"recipe={recipe}", "--cfg", "job"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=300,
+        )
+        assert shown.returncode == 0, shown.stderr[-2000:]
+        assert f"  name: {recipe}\n" in shown.stdout

@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.app.train import _floats, _unsharded_storage, build_data, build_module, load_splits
 from lightning_qlora.io.export import quant_config_of
@@ -14,6 +14,66 @@ from lightning_qlora.io.models import load_tokenizer
 from lightning_qlora.lightning.callbacks import LoRAAdapters
 from lightning_qlora.lightning.plugin import QLoRAPlugin
 from lightning_qlora.tasks.data import get_task
+
+CONFIG_MODULE = "lightning_qlora.conf"
+# What scoring reads from the config an adapter was trained with; the rest (optimizer, steps)
+# does not change a score, and comes from this version's defaults.
+RECORDED_KEYS = ("seed", "model", "quant", "data", "trainer.accelerator")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """This version's run config (the one that ships in the package) with ``overrides``."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def adapter_config(meta: dict[str, Any], recipe: str | None = None) -> DictConfig:
+    """The config to score an adapter with: this version's defaults for its recipe, then the
+    recorded training config's data, model and quantization where this version still has the key.
+
+    Starting from today's config keeps adapters of earlier versions (0.1.0) evaluable after keys
+    moved; ``recipe`` chooses another recipe's data and drops the recorded data.
+    """
+    recorded = OmegaConf.create(meta["training_config"]) if meta.get("training_config") else None
+    if recorded is None and not recipe:
+        raise ValueError("the adapter does not record its training config; pass --recipe NAME (e.g. medical).")
+    name = recipe or OmegaConf.select(recorded, "recipe.name")
+    shipped = _shipped_recipe_names()
+    cfg = compose_config([f"recipe={name}"] if name in shipped else [])
+    if recipe and recipe not in shipped:
+        raise ValueError(f"--recipe={recipe!r} is not a shipped recipe; use one of {', '.join(sorted(shipped))}.")
+    if recorded is not None:
+        for key in RECORDED_KEYS:
+            if recipe and key == "data":
+                continue
+            value = OmegaConf.select(recorded, key)
+            if value is not None:
+                _merge_known(cfg, key, value)
+    return cfg
+
+
+def _merge_known(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set ``key`` to the recorded ``value``, keeping only the sub-keys this version knows."""
+    current = OmegaConf.select(cfg, key, default="<missing>")
+    if isinstance(current, str) and current == "<missing>":
+        return
+    if isinstance(current, DictConfig) and OmegaConf.is_dict(value):
+        for sub, item in value.items():
+            _merge_known(cfg, f"{key}.{sub}", item)
+        return
+    OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _shipped_recipe_names() -> set[str]:
+    from importlib.resources import files
+
+    return {
+        p.name.removesuffix(".yaml")
+        for p in files(CONFIG_MODULE).joinpath("recipe").iterdir()
+        if p.name.endswith(".yaml")
+    }
 
 
 def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split: str = "test") -> dict[str, float]:

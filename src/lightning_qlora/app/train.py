@@ -1,10 +1,11 @@
 """The training entry: compose → build → validate (before) → fit → validate, test (after) → report.
 
-``train.py`` at the repo root hands its Hydra config to :func:`run`.
+``lightning-qlora train`` (and ``train.py``, its checkout shim) hands its Hydra config to :func:`run`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_qlora.app.config import validate_config
+from lightning_qlora.app.config import optimizer_settings, validate_config
 from lightning_qlora.app.generate import generate
 from lightning_qlora.app.report import plot_confusion, plot_loss, write_report
 from lightning_qlora.core.adapters import AdapterConfig
@@ -99,12 +100,18 @@ def load_splits(data: DictConfig, task: Task, seed: int) -> tuple[dict[str, list
     error names the row by its place in the file.
     """
     if data.path is None:
-        folder = Path(data.sample_dir)
+        folder, shipped = sample_folder(data.sample_dir)
         files = {s: folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
         splits = {s: read_rows(f) for s, f in files.items()}
         for split, rows in splits.items():
             splits[split] = task.validate(rows, str(files[split]))
-        return splits, f"the shipped sample of {data.dataset} in {folder} (offline; set data.path for the full set)"
+        source = f"the sample in {folder}"
+        if shipped:
+            source = f"the shipped sample of {data.dataset} in {data.sample_dir} (offline; set data.path for all of it)"
+        if "validation" not in splits:
+            splits = _hold_out(splits, data.val_fraction, seed, source)
+            source += f" ({data.val_fraction:.0%} of train held out for validation by seed {seed})"
+        return splits, source
     path = str(data.path)
     if looks_like_hub_id(path):
         splits = read_hub_splits(path, data.get("hub_config"))
@@ -119,6 +126,37 @@ def load_splits(data: DictConfig, task: Task, seed: int) -> tuple[dict[str, list
         splits = _hold_out(splits, data.val_fraction, seed, source)
         source += f" ({data.val_fraction:.0%} of train held out for validation by seed {seed})"
     return splits, source
+
+
+def sample_folder(sample_dir: str | os.PathLike) -> tuple[Path, bool]:
+    """The folder ``data.sample_dir`` names, and whether it is a sample shipped with the package.
+
+    ``recipes/<name>/data`` names a shipped sample, found inside the installed package, so that a
+    recipe runs from any directory and a config saved with an adapter (0.1.0's too) means the same
+    rows anywhere. Any other relative path is relative to the working directory.
+    """
+    parts = Path(sample_dir).parts
+    if len(parts) > 1 and parts[0] == "recipes":
+        shipped = _shipped_recipes().joinpath(*parts[1:])
+        if (shipped / "train.jsonl").is_file():
+            return shipped, True
+    folder = Path(sample_dir)
+    if not (folder / "train.jsonl").is_file():
+        names = ", ".join(sorted(p.name for p in _shipped_recipes().iterdir() if (p / "data").is_dir()))
+        raise FileNotFoundError(
+            f"data.sample_dir={str(sample_dir)!r} has no train.jsonl (looked in {folder.resolve()}); use"
+            f" recipes/<name>/data for a shipped sample ({names}), a folder of your own holding train.jsonl"
+            " (validation.jsonl and test.jsonl optional), or data.path=<data file>."
+        )
+    return folder, False
+
+
+def _shipped_recipes() -> Path:
+    # find_spec locates the package without importing it (no __pycache__ among the recipes).
+    spec = importlib.util.find_spec("lightning_qlora.recipes")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("lightning_qlora.recipes is missing from this install; reinstall lightning-qlora.")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _hold_out(splits: dict[str, list[dict]], fraction: float, seed: int, source: str) -> dict[str, list[dict]]:
@@ -178,8 +216,9 @@ def build_data(cfg: DictConfig, task: Task, tokenizer, splits: dict[str, list[di
 
 
 def build_module(cfg: DictConfig, task: Task) -> L.LightningModule:
-    t = cfg.trainer
-    optim = dict(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, optimizer=t.optimizer)
+    """The task's LightningModule; ``optimizer=auto`` is resolved when it builds its optimizer."""
+    o = optimizer_settings(cfg)  # the optimizer group, trainer.lr & co. applied
+    optim = dict(lr=o["lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], optimizer=o["name"])
     optim["low_memory"] = cfg.model.get("low_memory", "auto")
     if task.kind == "classify":
         names = task.label_names
@@ -300,7 +339,8 @@ def run(cfg: DictConfig, out: str | os.PathLike | None = None) -> dict[str, Any]
         last = out / "checkpoints" / "last.ckpt"
         saved = f"saved {last} at step {trainer.global_step}" if last.is_file() else "no checkpoint was saved"
         raise Preempted(
-            f"received SIGTERM; {saved}. Continue with: python train.py <same overrides> output_dir={out} resume=last"
+            f"received SIGTERM; {saved}. Continue with:"
+            f" lightning-qlora train <same overrides> output_dir={out} resume=last"
         ) from err
 
 
@@ -347,9 +387,13 @@ def _run_stages(
         ]
         if (out / "adapter").is_dir():
             # Merge and evaluate read the base, config and metrics from here.
+            # The recipe and the sample by name (no paths of this machine), for evaluate to find them.
+            shipped = cfg.data.path is None and sample_folder(cfg.data.sample_dir)[1]
             update_metadata(
                 out / "adapter",
                 base_model=str(cfg.model.name_or_path),
+                recipe=OmegaConf.select(cfg, "recipe.name"),
+                sample=Path(cfg.data.sample_dir).parts[1] if shipped else None,
                 training_config=OmegaConf.to_yaml(cfg, resolve=True),
                 metrics=result,
             )

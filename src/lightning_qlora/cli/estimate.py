@@ -1,11 +1,11 @@
-"""``python -m lightning_qlora estimate``: a run's peak memory from the model config, before loading weights.
+"""``lightning-qlora estimate``: a run's peak memory from the model config, before loading weights.
 
-    python -m lightning_qlora estimate --model smollm2-135m-instruct --batch-size 4 --seq-len 512
-    python -m lightning_qlora estimate --model path/to/config.json --batch-size 32 --seq-len 1024 --budget 8
+    lightning-qlora estimate --model smollm2-135m-instruct --batch-size 4 --seq-len 512
+    lightning-qlora estimate --model path/to/config.json --batch-size 32 --seq-len 1024 --budget 8
 
 With ``--budget``, ``--batch-size`` is the effective batch, split into the largest micro batch
 that fits and the gradient accumulation that restores it. Bad input raises ``ValueError``
-(``python -m lightning_qlora`` prints it as one ``error:`` line).
+(``lightning-qlora`` prints it as one ``error:`` line).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lightning_qlora.io.models import DEFAULT_MODEL
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_qlora estimate", description=__doc__.splitlines()[0].split(": ", 1)[1]
+        prog="lightning-qlora estimate", description=__doc__.splitlines()[0].split(": ", 1)[1]
     )
     parser.add_argument(
         "--model",

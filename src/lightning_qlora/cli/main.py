@@ -1,22 +1,29 @@
-"""``python -m lightning_qlora merge|generate|evaluate|estimate``: the adapter's life after training.
+"""``lightning-qlora train|merge|generate|evaluate|estimate``: QLoRA fine-tuning, and the adapter's life after.
 
-Bad input prints one ``error: ...`` line and exits 2; ``LIGHTNING_QLORA_DEBUG=1`` shows the traceback.
+``python -m lightning_qlora ...`` is the same command. ``train`` takes Hydra overrides
+(``lightning-qlora train --help`` lists them). Bad input prints one ``error: ...`` line and exits 2;
+``LIGHTNING_QLORA_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+# The configs that ship in the package; in a checkout's editable install, the checkout's conf/.
+CONF_DIR = Path(str(importlib.resources.files("lightning_qlora.conf")))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_qlora", description=__doc__.splitlines()[0])
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    # Parsed by Hydra (main() hands it the arguments); listed here for --help.
+    sub.add_parser("train", help="fine-tune: lightning-qlora train recipe=medical trainer.max_steps=30", add_help=False)
 
     m = sub.add_parser("merge", help="merge an adapter into its dequantized base; save a plain 16-bit model")
     m.add_argument("--adapter", required=True, help="exported adapter directory (a run's adapter/)")
@@ -47,13 +54,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code."""
+    prog = _prog()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from lightning_qlora.cli.train import run_cli
+
+        run_cli(argv[1:], prog=f"{prog} train")  # exits with Hydra's or the run's status
+        return 0
     try:
         if argv and argv[0] == "estimate":
             from lightning_qlora.cli.estimate import main as estimate_main
 
             return estimate_main([_ESTIMATE_KEYS.get(a.split("=", 1)[0], a) for a in _split_keys(argv[1:])])
-        args = _parser().parse_args(argv)
+        args = _parser(prog).parse_args(argv)
         if args.command == "merge":
             from lightning_qlora.io.merge import merge
 
@@ -68,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _prog() -> str:
+    """How the user called us, for usage lines: the console script, or ``python -m``."""
+    name = Path(sys.argv[0]).name if sys.argv else ""
+    return "lightning-qlora" if name.startswith("lightning-qlora") else "python -m lightning_qlora"
 
 
 # The run config's keys, accepted by `estimate` too: model.name_or_path=X is --model X.
@@ -145,20 +164,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
+    from lightning_qlora.app.evaluate import adapter_config, evaluate_adapter
     from lightning_qlora.io.export import read_metadata
 
     meta = read_metadata(args.adapter)
-    if meta.get("training_config") and not args.recipe:
-        cfg = OmegaConf.create(meta["training_config"])
-    else:
-        if not args.recipe:
-            raise ValueError(f"adapter {args.adapter} does not record its training config; pass --recipe NAME.")
-        if not CONF_DIR.is_dir():
-            raise FileNotFoundError(f"config folder {CONF_DIR} not found; run from a lightning-qlora checkout.")
-        from hydra import compose, initialize_config_dir
-
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[f"recipe={args.recipe}"])
+    cfg = adapter_config(meta, args.recipe)
     OmegaConf.set_struct(cfg, True)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
@@ -168,8 +178,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         cfg.model.name_or_path = args.base
     elif meta.get("base_model"):
         cfg.model.name_or_path = meta["base_model"]
-
-    from lightning_qlora.app.evaluate import evaluate_adapter
 
     metrics = evaluate_adapter(cfg, args.adapter, meta, args.split)
     print(json.dumps(metrics, indent=2))

@@ -1,0 +1,1 @@
+"""The recipes' cards and sample data. A package so that an installed wheel finds its samples."""
