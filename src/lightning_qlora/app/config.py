@@ -71,10 +71,10 @@ class DataConfig(Checked):
     """The ``data`` group (conf/data/default.yaml documents each key)."""
 
     task: str
-    dataset: str
+    dataset: str | None
     path: str | None
     hub_config: str | None
-    sample_dir: str
+    sample_dir: str | None
     max_length: int
     batch_size: int
     val_fraction: float

@@ -100,6 +100,11 @@ def load_splits(data: DictConfig, task: Task, seed: int) -> tuple[dict[str, list
     error names the row by its place in the file.
     """
     if data.path is None:
+        if not data.get("sample_dir"):
+            raise ValueError(
+                "data.path and data.sample_dir are both null; set data.path=<your rows> (jsonl, csv,"
+                " parquet or a hub dataset id) or data.sample_dir=<a folder holding train.jsonl>."
+            )
         folder, shipped = sample_folder(data.sample_dir)
         files = {s: folder / f"{s}.jsonl" for s in SPLITS if (folder / f"{s}.jsonl").is_file()}
         splits = {s: read_rows(f) for s, f in files.items()}
