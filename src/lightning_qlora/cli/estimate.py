@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_qlora.io.models import DEFAULT_MODEL
+from lightning_qlora import DEFAULT_MODEL
 
 
 def _parser() -> argparse.ArgumentParser:

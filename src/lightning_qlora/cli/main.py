@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return estimate_main([_ESTIMATE_KEYS.get(a.split("=", 1)[0], a) for a in _split_keys(argv[1:])])
         args = _parser(prog).parse_args(argv)
         if args.command == "merge":
-            from lightning_qlora.io.merge import merge
+            from lightning_qlora.app.merge import merge
 
             out = merge(args.adapter, args.output, base=args.base, dtype=args.dtype, force=args.force)
             print(f"merged model written to {out}")
@@ -123,49 +123,18 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import TextStreamer
-
-    from lightning_qlora.core.adapters import load_adapters
-    from lightning_qlora.io.export import read_metadata
-    from lightning_qlora.io.merge import load_base
-    from lightning_qlora.io.models import DEFAULT_MODEL, load_model, load_tokenizer
-    from lightning_qlora.tasks.data.formatting import prompt_text
+    from lightning_qlora.app.generate import stream_answers
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} should be >= 1.")
-    prompts = _prompts(args)
-    if args.adapter:
-        meta = read_metadata(args.adapter)
-        base = args.base or meta.get("base_model") or DEFAULT_MODEL
-        model = load_base(base, meta)
-        load_adapters(model, args.adapter)
-    else:
-        base = args.base or DEFAULT_MODEL
-        model = load_model(base)
-    tokenizer = load_tokenizer(base)
-    model.eval()
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    for prompt in prompts:
-        print(f">>> {prompt}", flush=True)
-        text = prompt_text(tokenizer, prompt, args.system)
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            model.generate(
-                **inputs,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=False,
-                streamer=streamer,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+    stream_answers(_prompts(args), args.adapter, args.base, args.max_new_tokens, args.system)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from lightning_qlora.app.evaluate import adapter_config, evaluate_adapter
-    from lightning_qlora.io.export import read_metadata
+    from lightning_qlora.app.evaluate import adapter_config, evaluate_adapter, read_metadata
 
     meta = read_metadata(args.adapter)
     cfg = adapter_config(meta, args.recipe)
