@@ -1,6 +1,7 @@
 """A tiny random Llama saved with the default tokenizer, shared by the command-line tests."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +37,10 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a command under test: warnings quiet, no checkout on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return {**env, "PYTHONWARNINGS": "ignore", **extra}
+
+
+def run_cli(args: list[str], cwd, timeout: int) -> subprocess.CompletedProcess:
+    """``lightning-qlora ARGS`` in ``cwd``, as a user runs it (PYTHONPATH unset), output captured."""
+    return subprocess.run(
+        [*cli_command(), *args], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=timeout
+    )

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.cli.conftest import cli_command, cli_env
+from tests.cli.conftest import run_cli
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "v0.1.0"
 # The overrides of the run that wrote the fixture (its README), but 4 steps instead of 2.
@@ -26,12 +25,9 @@ FIXTURE_RUN = (
 def test_a_0_1_0_adapter_evaluates_from_another_directory(tmp_path):
     # 0.1.0 recorded its sample as recipes/classification/data, a path relative to its checkout:
     # from an empty directory, only the sample shipped in the package can answer it.
-    result = subprocess.run(
-        [*cli_command(), "evaluate", "--adapter", str(FIXTURE / "adapter"), "--output", str(tmp_path / "m.json")],
+    result = run_cli(
+        ["evaluate", "--adapter", str(FIXTURE / "adapter"), "--output", str(tmp_path / "m.json")],
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,14 +46,7 @@ def test_a_0_1_0_checkpoint_resumes_at_its_step(tmp_path):
     shutil.copyfile(FIXTURE / "last.ckpt", ckpt)
     assert torch.load(ckpt, weights_only=True)["global_step"] == 2
     out = tmp_path / "run"
-    result = subprocess.run(
-        [*cli_command(), "train", *FIXTURE_RUN, f"output_dir={out}", f"resume={ckpt}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=900,
-    )
+    result = run_cli(["train", *FIXTURE_RUN, f"output_dir={out}", f"resume={ckpt}"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {ckpt}" in result.stdout + result.stderr
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

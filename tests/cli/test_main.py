@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import cli_command, cli_env
+from tests.cli.conftest import cli_command, cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,26 +104,16 @@ def test_a_users_own_recipe_from_their_own_directory(tiny_model_dir, tmp_path):
     conf = _user_recipe(tmp_path)
     out = tmp_path / "run"
     tiny = (f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", f"output_dir={out}")
-    result = subprocess.run(
-        [*cli_command(), "train", "--config-dir", "my_conf", "recipe=mine", *tiny],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=600,
-    )
+    result = run_cli(["train", "--config-dir", "my_conf", "recipe=mine", *tiny], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the sample in my_rows (25% of train held out for validation by seed 0)" in (out / "report.md").read_text()
     meta = json.loads((out / "adapter" / "lightning_qlora.json").read_text())
     assert (meta["recipe"], meta["sample"]) == ("mine", None)
     # The same recipe through Hydra's search path; the shipped recipes stay selectable beside it.
     for recipe in ("mine", "legal"):
-        shown = subprocess.run(
-            [*cli_command(), "train", f"hydra.searchpath=[file://{conf}]", f"recipe={recipe}", "--cfg", "job"],
+        shown = run_cli(
+            ["train", f"hydra.searchpath=[file://{conf}]", f"recipe={recipe}", "--cfg", "job"],
             cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env=cli_env(),
             timeout=300,
         )
         assert shown.returncode == 0, shown.stderr[-2000:]
