@@ -33,14 +33,6 @@ def _check_run(result: subprocess.CompletedProcess, out: Path) -> None:
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes need two cores")
-def test_ddp_on_two_cpu_processes_with_the_default_optimizer(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    small = (f"model.name_or_path={tiny_model_dir}", "data.batch_size=2", "sample_prompts=0")
-    result = _train("recipe=classification", *DDP_ON_CPU, *small, f"output_dir={out}")
-    _check_run(result, out)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU processes need two cores")
 def test_ddp_on_two_cpu_processes_as_documented(tmp_path):
