@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_qlora.app.train import _floats, _unsharded_storage, build_data, build_module, load_splits
-from lightning_qlora.io.export import quant_config_of
+from lightning_qlora.io.export import quant_config_of, read_metadata
 from lightning_qlora.io.models import load_tokenizer
 from lightning_qlora.lightning.callbacks import LoRAAdapters
 from lightning_qlora.lightning.plugin import QLoRAPlugin
@@ -108,3 +108,22 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
     )
     run_split = trainer.test if split == "test" else trainer.validate
     return _floats(run_split(module, dm, verbose=False)[0])
+
+
+def evaluate_saved_adapter(
+    adapter: str, recipe: str | None = None, overrides: list[str] = (), base: str | None = None, split: str = "test"
+) -> dict[str, float]:
+    """``lightning-qlora evaluate``: the adapter's recorded config (or ``recipe``'s), ``overrides`` on top,
+    scored on ``split``; ``base`` replaces the base model the adapter records."""
+    meta = read_metadata(adapter)
+    cfg = adapter_config(meta, recipe)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as err:  # omegaconf raises its own types for unknown keys
+        raise ValueError(f"bad override in {list(overrides)}: {err}") from err
+    if base:
+        cfg.model.name_or_path = base
+    elif meta.get("base_model"):
+        cfg.model.name_or_path = meta["base_model"]
+    return evaluate_adapter(cfg, adapter, meta, split)

@@ -132,23 +132,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
+    from lightning_qlora.app.evaluate import evaluate_saved_adapter
 
-    from lightning_qlora.app.evaluate import adapter_config, evaluate_adapter, read_metadata
-
-    meta = read_metadata(args.adapter)
-    cfg = adapter_config(meta, args.recipe)
-    OmegaConf.set_struct(cfg, True)
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
-    except Exception as err:  # omegaconf raises its own types for unknown keys
-        raise ValueError(f"bad override in {args.overrides}: {err}") from err
-    if args.base:
-        cfg.model.name_or_path = args.base
-    elif meta.get("base_model"):
-        cfg.model.name_or_path = meta["base_model"]
-
-    metrics = evaluate_adapter(cfg, args.adapter, meta, args.split)
+    metrics = evaluate_saved_adapter(args.adapter, args.recipe, args.overrides, args.base, args.split)
     print(json.dumps(metrics, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
