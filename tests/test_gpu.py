@@ -27,6 +27,7 @@ import torch
 
 from bench.worker import LLAMA_1B, random_llama
 from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin, QuantConfig, prepare, quantize_model
+from lightning_qlora.core.quantize import has_native_bf16
 from tests.conftest import LossRecorder, counting_batches, loader, quiet_trainer, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def _compute_dtype() -> torch.dtype:
     """What QLoRAPlugin's ``compute_dtype="auto"`` should pick here: bf16 on a GPU that has it, fp32 on CPU."""
     if not ON_GPU:
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if has_native_bf16("cuda") else torch.float16
 
 
 def _tiny_model():
