@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,6 +24,49 @@ SEQ = 16
 # this process leaves MASTER_PORT behind, still bound here, and every 2-process run launched
 # afterwards (DDP, FSDP, train.py) inherits it and fails with EADDRINUSE.
 _DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+# `-m "not slow"` must never load or convert the real default model: that is what `slow` marks.
+# For every other test the model cache points below a regular file, so a child process (train.py,
+# the CLI) that reaches the model fails naming this path, and in this process the conversion is
+# refused in one line.
+_NOT_SLOW_CACHE = "a-test-not-marked-slow-loaded-the-default-model"
+_guard_root: Path | None = None
+
+
+def pytest_configure(config):
+    global _guard_root
+    _guard_root = Path(tempfile.mkdtemp(prefix="lq-model-guard-"))
+    (_guard_root / _NOT_SLOW_CACHE).write_text("not a cache: mark the test @pytest.mark.slow\n")
+
+
+def pytest_unconfigure(config):
+    if _guard_root is not None:
+        shutil.rmtree(_guard_root, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Set up, run and tear down each test not marked slow (its session fixtures too) with the guard on."""
+    if item.get_closest_marker("slow") is not None or _guard_root is None:
+        yield
+        return
+    from lightning_qlora.io import models
+
+    def refuse() -> Path:
+        raise RuntimeError(f"{item.nodeid} loads the real default model: mark it @pytest.mark.slow or use a tiny model")
+
+    saved_env, saved_fn = os.environ.get("LIGHTNING_QLORA_CACHE"), models.default_model_dir
+    os.environ["LIGHTNING_QLORA_CACHE"] = str(_guard_root / _NOT_SLOW_CACHE / "cache")
+    models.default_model_dir = refuse
+    try:
+        yield
+    finally:
+        models.default_model_dir = saved_fn
+        if saved_env is None:
+            os.environ.pop("LIGHTNING_QLORA_CACHE", None)
+        else:
+            os.environ["LIGHTNING_QLORA_CACHE"] = saved_env
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
-"""A tiny random Llama saved with the default tokenizer, shared by the command-line tests."""
+"""A tiny random Llama saved with the default tokenizer, shared by the command-line tests.
+
+None of it loads the default model's weights: tests that do are marked slow.
+"""
 
 import os
 import subprocess
@@ -9,15 +12,28 @@ import pytest
 import torch
 
 
+def default_tokenizer():
+    """The default model's tokenizer, read from the GGUF that ships it: the weights are never loaded
+    or converted (``load_tokenizer()`` would convert the whole model into the cache first, and tests
+    not marked slow must not; tests/conftest.py refuses it)."""
+    from transformers import AutoTokenizer
+
+    from lightning_qlora.io.models import _GGUF_FILE, _gguf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(_gguf_dir(), gguf_file=_GGUF_FILE)
+    if tokenizer.pad_token is None:  # as load_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
-    from lightning_qlora import load_tokenizer
     from tests.conftest import tiny_llama_config
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer()
+    tokenizer = default_tokenizer()
     torch.manual_seed(0)
     config = tiny_llama_config(
         vocab_size=len(tokenizer), max_position_embeddings=512, initializer_range=0.02, pad_token_id=2

@@ -81,9 +81,14 @@ def test_fit_then_test_does_not_inject_twice(tiny_llama):
     module = CausalLMModule(tiny_llama)
     trainer, _ = _fit(module, steps=2)
     n_lora = sum("lora_A" in n for n, _ in tiny_llama.named_modules())
-    trainer.test(module, loader(counting_batches(1)), verbose=False)
+    batch = counting_batches(1, seed=4)[0]
+    trainer.test(module, loader([batch]), verbose=False)
     assert sum("lora_A" in n for n, _ in tiny_llama.named_modules()) == n_lora
-    assert "test_loss" in trainer.callback_metrics
+    # The test scored the trained model once: its mean NLL, by transformers' own loss.
+    tiny_llama.eval()
+    with torch.no_grad():
+        expected = float(tiny_llama(input_ids=batch["input_ids"], labels=batch["labels"]).loss)
+    assert float(trainer.callback_metrics["test_loss"]) == pytest.approx(expected, abs=1e-4)
 
 
 def test_export_is_standard_peft_and_reloads(tiny_llama, tmp_path):

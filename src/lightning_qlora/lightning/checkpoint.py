@@ -9,8 +9,6 @@ different model or adapter fails with a clear message instead of a shape error.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -22,49 +20,18 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
+from lightning_qlora.io.atomic import RecordingFile, disk_full_error
+from lightning_qlora.io.atomic import umask as _umask  # callbacks.py's export imports it from here
+from lightning_qlora.lightning.fingerprint import BodySampler, base_fingerprint, other_body
 from lightning_qlora.lightning.rng import ResumableRNG
 
 META_KEY = "lightning_qlora"
 FORMAT_VERSION = 1
-# Config keys that do not change the weights' meaning (paths, dtypes, runtime flags).
-_VOLATILE_CONFIG_KEYS = {
-    "_name_or_path",
-    "name_or_path",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-    "use_cache",
-    "quantization_config",
-    "_attn_implementation_autoset",
-    "architectures",
-}
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of ``module`` by their ``state_dict`` names, detached on CPU."""
     return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
-
-
-def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Identify a base model by its architecture and its (unquantized) input embeddings.
-
-    The config hash catches another architecture or size; the embedding checksum catches
-    another model of the same shape (say base versus instruct) without hashing all weights.
-    """
-    config = getattr(model, "config", None)
-    arch = {}
-    if config is not None:
-        arch = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    checksum = None
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        # Row blocks summed in fp64: a whole-table .double().abs() would briefly take 4x the
-        # embedding's size, the peak of an otherwise lean setup.
-        weight = emb.weight.detach()
-        checksum = float(sum(block.abs().sum(dtype=torch.float64) for block in weight.split(4096)))
-    return {"model_type": getattr(config, "model_type", type(model).__name__), "config": digest, "embed": checksum}
 
 
 def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
@@ -83,6 +50,12 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> Non
                 f"checkpoint {path} was trained on another base model ({a['model_type']}, config {a['config']})"
                 f" than this run's {label or 'model'} ({b['model_type']}, config {b['config']}); resume with the"
                 " same model.name_or_path, or start a new run."
+            )
+        if (weight := other_body(a, b)) is not None:
+            raise ValueError(
+                f"checkpoint {path} was trained on another base model: this run's {label or 'model'} has the"
+                f" same config and embeddings but another {weight} (sampled values differ); resume with the"
+                " same model.name_or_path (the same weight files), or start a new run."
             )
         check_configs(then, now, path)
 
@@ -168,11 +141,19 @@ class AdapterCheckpoint:
     def __init__(self) -> None:
         self.fingerprints: dict[str, dict[str, Any]] = {}
         self.rng = ResumableRNG()
+        # Digests of the layers quantized while loading (low_memory), taken before they were packed.
+        self.loaded = BodySampler()
 
-    def remember_base(self, label: str, model: nn.Module) -> None:
-        """Fingerprint ``model`` as the base of ``label``, the first time only (before it is quantized)."""
+    def remember_base(self, label: str, model: nn.Module, trained: Iterable[str] = ()) -> None:
+        """Fingerprint ``model`` as the base of ``label``, the first time only (before it is quantized).
+
+        ``trained``: the modules trained whole (``modules_to_save``), which are no part of the base.
+        """
         if label not in self.fingerprints:
-            self.fingerprints[label] = base_fingerprint(model)
+            fingerprint = base_fingerprint(model, trained)
+            fingerprint["body"].update(self.loaded.body)
+            self.loaded.body = {}
+            self.fingerprints[label] = fingerprint
 
     def meta(self, labels: Iterable[str], quant: dict[str, Any], adapter: dict[str, Any]) -> dict[str, Any]:
         """The record a checkpoint keeps under :data:`META_KEY`: base, quantization and adapter per model."""
@@ -222,17 +203,13 @@ class AdapterCheckpoint:
         self.rng.load_state_dict(state)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in the same folder, then rename it.
 
     A kill during the write leaves the previous file of that name intact, so ``last.ckpt``
-    is always a complete checkpoint.
+    is always a complete checkpoint (the temporary ``.last.ckpt.XXXXXXXX.tmp`` stays behind:
+    :func:`~lightning_qlora.io.atomic.remove_stale_temps`). A full disk raises a one-line
+    :class:`~lightning_qlora.io.atomic.DiskFullError` naming the path.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
@@ -241,13 +218,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        f = None
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb") as raw:
+                f = RecordingFile(raw)
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+                raw.flush()
+                os.fsync(raw.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            # torch reports a failed write as "RuntimeError: [enforce fail at inline_container.cc] unexpected
+            # pos"; the OSError behind it is the one the file saw, or the flush/fsync/close's own.
+            full = disk_full_error(f.error if f is not None and f.error is not None else err, path, "checkpoint")
+            if full is not None:
+                raise full from err
             raise

@@ -3,10 +3,15 @@
 Lightning turns SIGTERM into a ``SIGTERMException`` at the next step boundary (and SLURM's
 requeue signal into an HPC checkpoint when auto-requeue is on). At a step boundary the
 state is consistent, so saving ``last.ckpt`` there resumes exactly with ``resume=last``.
+
+A skipped step changes nothing: no parameter or optimizer moment moves, and the LR schedule and
+the RNG streams are put back as they were before it, so that a run with a skipped batch goes on
+as one without that batch would.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -19,6 +24,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
+
+from lightning_qlora.lightning.rng import rng_states, set_rng_states
 
 
 class NonFiniteLossError(ValueError):
@@ -42,12 +49,22 @@ class FaultGuard(Callback):
         self.saved_on_sigterm: Path | None = None
         self._batch_idx = -1
         self._skip_update = False
+        self._skipped_now = False
+        # The state a skipped step must leave as it found: the schedulers' and the RNG streams'.
+        self._before: dict[str, Any] | None = None
 
     @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_idx = batch_idx
+        # Taken at the first batch of each optimizer step (of its accumulation window), while skips remain.
+        if len(self.skipped) < self.max_skipped_steps and batch_idx % trainer.accumulate_grad_batches == 0:
+            self._before = {
+                "rng": rng_states(),
+                "schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+                "lrs": [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers],
+            }
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
@@ -80,10 +97,31 @@ class FaultGuard(Callback):
         if not self._skip_update:
             return
         self._skip_update = False
-        # No gradient, no update: AdamW leaves parameters (and their moments) without grads alone.
+        self._skipped_now = True
+        # No gradient, no update: AdamW leaves parameters (and their moments and step counts) without
+        # grads alone; a zero gradient would still decay the moments and the weights.
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning stepped the LR schedulers after the (empty) optimizer step, before this hook, and
+        # the skipped forward drew dropout masks: both go back to where the step found them.
+        if not self._skipped_now:
+            return
+        self._skipped_now = False
+        before = self._before
+        if before is None:
+            return
+        for config, state in zip(trainer.lr_scheduler_configs, before["schedulers"], strict=True):
+            config.scheduler.load_state_dict(state)
+        for opt, lrs in zip(trainer.optimizers, before["lrs"], strict=True):
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr
+        set_rng_states(before["rng"])
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -9,7 +9,7 @@ for ``configure_optimizers`` to see only the adapter parameters.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import torch
@@ -140,7 +140,7 @@ class QLoRAPlugin(MixedPrecision):
         self._module = module
         for name, model in find_models(module).items():
             label = name or type(model).__name__
-            self._checkpoint.remember_base(label, model)
+            self._checkpoint.remember_base(label, model, self.adapter_config.modules_to_save)
             fresh = self.adapter_source is None and not getattr(model, "peft_config", None)
             loftq = LoftQInit(self.adapter_config.r) if fresh and self.adapter_config.init == "loftq" else None
             recorder = ErrorRecorder()
@@ -207,10 +207,11 @@ class QLoRAPlugin(MixedPrecision):
         fresh = self.adapter_source is None
         return bool(self.keep_high_precision) or (fresh and self.adapter_config.init == "loftq")
 
-    def loading_hook(self) -> ErrorRecorder:
-        """An ``on_layer`` hook for quantizing while loading, whose errors the plugin then reports."""
+    def loading_hook(self) -> Callable[[str, torch.Tensor, nn.Module], None]:
+        """An ``on_layer`` hook for quantizing while loading: the plugin reports the layers' errors, and
+        fingerprints their weights before they are packed (for the resume check)."""
         self._load_recorder = ErrorRecorder()
-        return self._load_recorder
+        return chain(self._load_recorder, self._checkpoint.loaded)
 
     def _set_precision(self, compute_dtype: torch.dtype, device: torch.device) -> None:
         self.compute_dtype = compute_dtype
