@@ -14,11 +14,13 @@ from lightning_qlora.app.config import (
     config_problems,
     optimizer_keys,
     optimizer_settings,
+    task_metric,
 )
 from lightning_qlora.cli.main import CONF_DIR
 from lightning_qlora.core.adapters import AdapterConfig
 from lightning_qlora.core.checks import Check, is_int
 from lightning_qlora.core.quantize import QuantConfig
+from lightning_qlora.lightning.best import Monitor
 from lightning_qlora.tasks.optim import OptimizerConfig, configure_optimizers, resolve_optimizer
 
 RECIPES = ("medical", "legal", "classification")
@@ -40,9 +42,13 @@ def test_each_group_is_exactly_its_dataclass(recipe, trainer):
     assert set(q) == {"type", "double_quant", "compute_dtype", "quant_storage", "skip_modules", "keep_high_precision"}
     AdapterConfig(**cfg["adapter"])
     DataConfig(**cfg["data"])
-    TrainerConfig(**{k: v for k, v in cfg["trainer"].items() if k not in ALIASES})
+    t = {k: v for k, v in cfg["trainer"].items() if k not in ALIASES}
+    t.update({f"early_stopping_{k}": v for k, v in t.pop("early_stopping").items()})  # flattened in the dataclass
+    TrainerConfig(**t)
     o = cfg["optimizer"]
     OptimizerConfig(optimizer=o.pop("name"), **o)
+    r = cfg["recipe"]
+    assert Monitor(r["metric"], r["mode"]) and set(r) == {"name", "metric", "mode"}
 
 
 def test_a_rule_changed_in_its_dataclass_changes_both_readers(monkeypatch):
@@ -63,6 +69,20 @@ def test_a_rule_changed_in_its_dataclass_changes_both_readers(monkeypatch):
             QuantConfig,
             dict(quant_type="int8", compute_dtype="bf16"),
             "quant_type='int8' does not support compute_dtype=bf16",
+        ),
+        (
+            ("quant=int8", "quant.quant_storage=bf16"),
+            "quant.quant_storage applies to 4-bit types only; keep uint8 with int8",
+            QuantConfig,
+            dict(quant_type="int8", quant_storage="bf16"),
+            r"^quant_storage only applies to 4-bit types; use quant_storage='uint8' with int8\.$",
+        ),
+        (
+            ("adapter.init=loftq", "adapter.use_dora=true"),
+            "adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one",
+            AdapterConfig,
+            dict(init="loftq", use_dora=True),
+            r"^init='loftq' with use_dora=True is not supported; choose one of them\.$",
         ),
         (
             ("optimizer.warmup_steps=-2",),
@@ -129,7 +149,7 @@ def test_auto_builds_adamw_on_cpu_and_explicit_paged_is_refused():
 
 
 def test_build_module_reads_the_optimizer_group_and_its_aliases():
-    from lightning_qlora.app.train import build_module
+    from lightning_qlora.app.build import build_module
     from lightning_qlora.tasks.data import get_task
 
     task = get_task("pubmedqa_decision")
@@ -137,3 +157,37 @@ def test_build_module_reads_the_optimizer_group_and_its_aliases():
     assert (module.hparams.optimizer, module.hparams.lr, module.hparams.warmup_steps) == ("auto", 3e-4, 10)
     module = build_module(_cfg("recipe=medical", "trainer.lr=1e-4", "trainer.optimizer=adamw"), task)
     assert (module.hparams.optimizer, module.hparams.lr) == ("adamw", 1e-4)
+
+
+def test_task_metric_and_validation_during_fit_rules():
+    wrong = ("recipe.metric=acc", "recipe.mode=up", "trainer.val_check_interval=0.5")
+    problems = config_problems(_cfg(*wrong, "trainer.early_stopping.min_delta=-1"))
+    assert problems == [
+        "trainer.val_check_interval=0.5 should be null or an integer >= 1 (optimizer steps)",
+        "trainer.early_stopping.min_delta=-1 should be a number >= 0, e.g. 0.0",
+        "recipe.metric='acc' should be a validation metric's name, starting with val_, e.g. val_loss",
+        "recipe.mode='up' should be one of max, min",
+    ]
+    assert config_problems(_cfg("trainer.early_stopping.patience=3")) == [
+        "trainer.early_stopping.patience counts validations during fit; set trainer.val_check_interval too"
+        " (optimizer steps)"
+    ]
+    assert config_problems(_cfg("trainer.early_stopping.patience=3", "trainer.val_check_interval=10")) == []
+    assert config_problems(_cfg("trainer.early_stopping.patience=0", "trainer.val_check_interval=10")) == [
+        "trainer.early_stopping.patience=0 should be null (off) or an integer >= 1, e.g. 3"
+    ]
+    assert task_metric(_cfg("recipe=classification")) == Monitor("val_macro_f1", "max")
+
+
+def test_a_recipe_names_its_metric_with_its_mode_or_neither():
+    from omegaconf import open_dict
+
+    cfg = _cfg("recipe=medical")
+    with open_dict(cfg):
+        del cfg.recipe["mode"]
+    assert config_problems(cfg) == [
+        "recipe.metric is set alone; a recipe sets recipe.metric and recipe.mode (max or min) together"
+    ]
+    with open_dict(cfg):
+        del cfg.recipe["metric"]
+    assert config_problems(cfg) == [] and task_metric(cfg) == Monitor("val_loss", "min")  # a recipe of 0.1.0

@@ -1,5 +1,7 @@
 """Config validation before anything loads: every problem in one message."""
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -61,3 +63,71 @@ def test_more_cpu_processes_than_cores():
     cores = os.cpu_count()
     problems = config_problems(_cfg(f"trainer.devices={cores + 1}"))
     assert problems == [f"trainer.devices={cores + 1} CPU processes is more than this machine's {cores} cores"]
+
+
+# Every rule across keys: the overrides that break it, and the same overrides less the one that
+# completes the pair (fine alone), so each rule is shown to need both sides. The messages are
+# pinned word for word: each names the keys and the fix.
+COMPOUND_RULES = [
+    (  # QuantConfig (core/quantize.py)
+        ("quant=int8", "quant.compute_dtype=bf16"),
+        "quant.type=int8 cannot compute in bf16; use quant.compute_dtype=fp16, fp32 or auto",
+    ),
+    (
+        ("quant=int8", "quant.quant_storage=bf16"),
+        "quant.quant_storage applies to 4-bit types only; keep uint8 with int8",
+    ),
+    (  # AdapterConfig (core/adapters.py)
+        ("adapter.use_dora=true", "adapter.init=loftq"),
+        "adapter.init=loftq and adapter.use_dora=true cannot be combined; choose one",
+    ),
+    (  # DataConfig (app/config.py)
+        ("data.val_fraction=0.5", "data.test_fraction=0.5"),
+        "data.val_fraction + data.test_fraction should leave rows to train on (sum below 1)",
+    ),
+    (  # TrainerConfig (app/config.py)
+        ("trainer.val_check_interval=null", "trainer.early_stopping.patience=3"),
+        "trainer.early_stopping.patience counts validations during fit; set trainer.val_check_interval too"
+        " (optimizer steps)",
+    ),
+    (  # the recipe's task metric (app/config.py)
+        ("recipe=legal", "~recipe.mode"),
+        "recipe.metric is set alone; a recipe sets recipe.metric and recipe.mode (max or min) together",
+    ),
+    (  # app/config.py's rules across groups
+        ("quant.keep_high_precision=0.05", "quant=int8"),
+        "quant.keep_high_precision promotes 4-bit layers to int8; use it with nf4 or fp4",
+    ),
+    (
+        ("quant.keep_high_precision=0.05", "model.low_memory=true"),
+        "quant.keep_high_precision measures the unquantized weights; set model.low_memory=false",
+    ),
+    (
+        ("adapter.init=loftq", "quant=int8"),
+        "adapter.init=loftq needs a 4-bit quant.type (nf4 or fp4)",
+    ),
+    (
+        ("adapter.init=loftq", "model.low_memory=true"),
+        "adapter.init=loftq needs the unquantized weights; set model.low_memory=false",
+    ),
+    (
+        ("trainer=gpu", "trainer.accelerator=cpu", "trainer.optimizer=paged_adamw_8bit"),
+        "trainer.optimizer=paged_adamw_8bit needs a GPU; use adamw on CPU",
+    ),
+    (
+        ("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "quant.quant_storage=uint8"),
+        "FSDP can only shard float storage: set quant.quant_storage=auto (or bf16) with trainer=fsdp",
+    ),
+    (
+        ("trainer=ddp", "quant.quant_storage=uint8", "trainer.strategy=fsdp"),
+        "FSDP can only shard float storage: set quant.quant_storage=auto (or bf16) with trainer=fsdp",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "problem"), COMPOUND_RULES, ids=[" ".join(o) for o, _ in COMPOUND_RULES])
+def test_each_rule_across_keys_fires_on_the_pair_only(overrides, problem):
+    assert config_problems(_cfg(*overrides)) == [problem]
+    assert config_problems(_cfg(*overrides[:-1])) == []
+    with pytest.raises(ValueError, match=rf"^config has problem: {re.escape(problem)}\.$"):
+        validate_config(_cfg(*overrides))

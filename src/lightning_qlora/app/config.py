@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_qlora.core import checks
 from lightning_qlora.core.adapters import AdapterConfig
-from lightning_qlora.core.checks import Check, Checked, is_bool, is_int, is_number, one_of
+from lightning_qlora.core.checks import Check, Checked, Combo, is_bool, is_int, is_number, one_of
 from lightning_qlora.core.quantize import QuantConfig
+from lightning_qlora.lightning.best import Monitor
 from lightning_qlora.tasks.optim import OptimizerConfig
 
 _MISSING = "<missing>"
@@ -43,15 +44,27 @@ class TrainerConfig(Checked):
     num_nodes: int
     strategy: str
     max_steps: int
-    val_check_interval: int | float | None
+    val_check_interval: int | None
     accumulate_grad_batches: int
     gradient_clip_val: float | None
     log_every_n_steps: int
     max_skipped_steps: int
     checkpoint_every_n_steps: int
+    # trainer.early_stopping.patience and .min_delta; defaults: a config saved by an older release still composes.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
 
     CHECKS = (
         Check("max_steps", is_int(1), "an integer >= 1"),
+        Check("val_check_interval", lambda v: v is None or is_int(1)(v), "null or an integer >= 1 (optimizer steps)"),
+        Check("early_stopping_patience", lambda v: v is None or is_int(1)(v), "null (off) or an integer >= 1", "3"),
+        Check("early_stopping_min_delta", is_number(0), "a number >= 0", "0.0"),
+        Combo(
+            ("early_stopping_patience", "val_check_interval"),
+            lambda patience, interval: patience is None or interval is not None,
+            "{early_stopping_patience} counts validations during fit; set {val_check_interval} too (optimizer steps)",
+            "{early_stopping_patience} counts validations during fit; set {val_check_interval} too.",
+        ),
         Check("accumulate_grad_batches", is_int(1), "an integer >= 1"),
         Check("log_every_n_steps", is_int(1), "an integer >= 1"),
         Check("checkpoint_every_n_steps", is_int(1), "an integer >= 1"),
@@ -64,6 +77,17 @@ class TrainerConfig(Checked):
 
     def __post_init__(self) -> None:
         self.check()
+
+
+def _is_name(value: Any) -> bool:
+    return value is None or isinstance(value, str) and bool(value.strip())
+
+
+def _are_names(value: Any) -> bool:
+    if value is None:
+        return True
+    names = list(value) if isinstance(value, (list, tuple, ListConfig)) else None
+    return names is not None and len(names) >= 2 and all(_is_name(n) for n in names) and len(set(names)) == len(names)
 
 
 @dataclass(frozen=True)
@@ -80,12 +104,29 @@ class DataConfig(Checked):
     val_fraction: float
     system: str | None
     packing: bool
+    # Newer keys have defaults: a config saved by an older release still composes.
+    test_fraction: float = 0.0
+    text_field: str | None = None
+    label_field: str | None = None
+    label_names: tuple[str, ...] | None = None
+    label_subword: str = "last"
 
     CHECKS = (
         Check("batch_size", is_int(1), "an integer >= 1"),
         Check("max_length", is_int(16), "an integer >= 16 (tokens)"),
         Check("val_fraction", is_number(0, strict=True, high=1), "in (0, 1)", "0.2"),
+        Check("test_fraction", is_number(0, high=1), "in [0, 1)", "0.1"),
         Check("packing", is_bool, "true or false"),
+        Check("text_field", _is_name, "null or a column name"),
+        Check("label_field", _is_name, "null or a column name"),
+        Check("label_names", _are_names, "null or a list of at least 2 distinct class names", "[negative, positive]"),
+        one_of("label_subword", ("first", "last")),
+        Combo(
+            ("val_fraction", "test_fraction"),
+            lambda val, test: val + test < 1,
+            "{val_fraction} + {test_fraction} should leave rows to train on (sum below 1)",
+            "{val_fraction} + {test_fraction} should be below 1.",
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -102,7 +143,14 @@ RUN_CHECKS = (
     one_of("logger.type", ("csv", "tensorboard", "wandb")),
 )
 # Config key -> dataclass field, where they differ.
-_FIELDS = {"quant": {"type": "quant_type"}, "optimizer": {"name": "optimizer"}}
+_FIELDS = {
+    "quant": {"type": "quant_type"},
+    "optimizer": {"name": "optimizer"},
+    "trainer": {
+        "early_stopping.patience": "early_stopping_patience",
+        "early_stopping.min_delta": "early_stopping_min_delta",
+    },
+}
 
 
 def optimizer_keys(cfg: DictConfig) -> dict[str, str]:
@@ -145,6 +193,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         ("trainer", TrainerConfig),
         ("optimizer", OptimizerConfig),
         ("data", DataConfig),
+        ("recipe", Monitor),  # recipe.metric and recipe.mode
     ):
         keys = _keys(cfg, group, schema)
         values = _values(cfg, keys)
@@ -154,10 +203,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems + _across_groups(cfg)
 
 
+def task_metric(cfg: DictConfig) -> Monitor:
+    """The recipe's task metric and its mode (``recipe.metric``, ``recipe.mode``); val_loss, min if it names none."""
+    return Monitor(
+        OmegaConf.select(cfg, "recipe.metric", default="val_loss"), OmegaConf.select(cfg, "recipe.mode", default="min")
+    )
+
+
 def _across_groups(cfg: DictConfig) -> list[str]:
     """The rules that span groups, each written here only."""
     get = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
     problems = []
+    given = [k for k in ("recipe.metric", "recipe.mode") if OmegaConf.select(cfg, k, default=_MISSING) != _MISSING]
+    if len(given) == 1:  # which way a metric improves is not guessed from its name
+        problems.append(f"{given[0]} is set alone; a recipe sets recipe.metric and recipe.mode (max or min) together")
     if get("quant.keep_high_precision") is not None and get("quant.type") == "int8":
         problems.append("quant.keep_high_precision promotes 4-bit layers to int8; use it with nf4 or fp4")
     if get("quant.keep_high_precision") is not None and get("model.low_memory") is True:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +15,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig, check_adapter_dir
+from lightning_qlora.io.atomic import disk_full_error
 from lightning_qlora.io.export import save_adapter
+from lightning_qlora.lightning.checkpoint import _umask
 from lightning_qlora.lightning.plugin import QLoRAPlugin
+
+# What an export writes in a directory: PEFT's files and model card, our metadata.
+EXPORT_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "lightning_qlora.json"})
 
 
 class LoRAAdapters(Callback):
@@ -31,7 +39,8 @@ class LoRAAdapters(Callback):
         target_modules: ``"all-linear"``, a list of module names, or a regex on full names.
         modules_to_save: Modules to train fully and save with the adapter (e.g. ``["score"]``).
         gradient_checkpointing: Recompute activations in backward to save memory.
-        export_dir: If set, the adapter is written there in PEFT format at the end of fit.
+        export_dir: If set, the adapter is written there in PEFT format at the end of training
+            (``on_train_end``), replacing the directory whole (see :func:`replacing_dir`).
         use_dora: DoRA: a learned per-output magnitude on top of the LoRA direction.
         use_rslora: Rank-stabilized scaling ``alpha / sqrt(r)``.
         init: ``"default"`` (B = 0) or ``"loftq"`` (start at the SVD of the quantization error).
@@ -89,33 +98,86 @@ class LoRAAdapters(Callback):
         pl_module.strict_loading = False
 
     @override
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before teardown, while the strategy holds the weights as trained (FSDP gathers them from
+        # its shards), and before BestAdapter puts the best ones back (in on_fit_end).
         if self.export_dir is not None:
             self.export(trainer, self.export_dir)
 
     def export(self, trainer: L.Trainer, directory: str | os.PathLike) -> list[Path]:
         """Write the adapter(s) in PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-        Only global rank zero writes. With several transformers models in the module,
-        each goes to a sub-directory named after its attribute path.
+        Only global rank zero writes, into a new folder that then replaces ``directory`` whole
+        (:func:`replacing_dir`). With several transformers models in the module, each goes to a
+        sub-directory named after its attribute path.
 
         Returns:
             The directories written (empty on other ranks).
         """
-        plugin = trainer.precision_plugin
-        if not isinstance(plugin, QLoRAPlugin) or not plugin.peft_models:
-            raise RuntimeError("No adapters to export: run trainer.fit with QLoRAPlugin first.")
-        # Sharded (FSDP) adapters are gathered to rank zero first, which every rank takes part in.
-        gather = getattr(plugin, "gather_trainable", None)
-        gathered = gather() if callable(gather) else {}
-        if not trainer.is_global_zero:
-            return []
-        directory = Path(directory)
-        written = []
+        return export_adapters(trainer, directory)
+
+
+def export_adapters(trainer: L.Trainer, directory: str | os.PathLike) -> list[Path]:
+    """:meth:`LoRAAdapters.export`, for any Trainer whose precision plugin is a :class:`QLoRAPlugin`."""
+    plugin = trainer.precision_plugin
+    if not isinstance(plugin, QLoRAPlugin) or not plugin.peft_models:
+        raise RuntimeError("No adapters to export: run trainer.fit with QLoRAPlugin first.")
+    # Sharded (FSDP) adapters are gathered to rank zero first, which every rank takes part in.
+    gather = getattr(plugin, "gather_trainable", None)
+    gathered = gather() if callable(gather) else {}
+    if not trainer.is_global_zero:
+        return []
+    directory = Path(directory)
+    written = []
+    with replacing_dir(directory) as tmp:
         for label, peft_model in plugin.peft_models.items():
-            target = directory if len(plugin.peft_models) == 1 else directory / label
+            sub = "" if len(plugin.peft_models) == 1 else label
             state = gathered.get(label)
-            save_adapter(peft_model, target, plugin.quant_config, int8_modules=plugin.promoted(label), state_dict=state)
-            written.append(target)
-            rank_zero_info(f"LoRAAdapters: exported {label} adapter (PEFT format) to {target}")
-        return written
+            save_adapter(peft_model, tmp / sub, plugin.quant_config, plugin.promoted(label), state_dict=state)
+            written.append(directory / sub)
+    for label, target in zip(plugin.peft_models, written, strict=True):
+        rank_zero_info(f"LoRAAdapters: exported {label} adapter (PEFT format) to {target}")
+    return written
+
+
+@contextlib.contextmanager
+def replacing_dir(directory: Path) -> Generator[Path, None, None]:
+    """A new folder beside ``directory`` to write into; on success it replaces ``directory`` whole.
+
+    A kill while writing leaves ``directory`` as it was, never half an adapter: the new folder is
+    renamed into place once complete (the previous one is renamed aside first, then deleted).
+    """
+    if directory.is_dir() and (other := _foreign_entry(directory)) is not None:
+        # Replacing the folder deletes what else it holds: refuse rather than lose a user's files.
+        raise ValueError(
+            f"export directory {directory} holds {other.name!r}, which no adapter export writes; export"
+            " to an empty or adapter-only directory (e.g. a new sub-folder)."
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+        yield tmp
+        aside = tmp.with_suffix(".old")
+        if directory.exists():
+            os.replace(directory, aside)
+        os.replace(tmp, directory)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # safetensors reports a full disk as its own error type: say it in one line, naming the folder.
+        if (full := disk_full_error(err, directory, "adapter")) is not None:
+            raise full from err
+        raise
+
+
+def _foreign_entry(directory: Path) -> Path | None:
+    """An entry of ``directory`` that no export writes (files of an export, or sub-folders of them), if any."""
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            found = next((e for e in entry.iterdir() if e.name not in EXPORT_FILES), None)
+            if found is not None:
+                return found
+        elif entry.name not in EXPORT_FILES:
+            return entry
+    return None
