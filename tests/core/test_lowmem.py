@@ -43,7 +43,9 @@ def test_new_classification_head_is_initialized_not_left_on_meta(tmp_path):
     path = _save(tmp_path)
     model, _ = load_quantized(path, task="sequence-classification", num_labels=3)
     assert not model.score.weight.is_meta and model.score.weight.shape == (3, 64)
-    assert float(model.score.weight.std()) > 0
+    # transformers' init: N(0, initializer_range), 0.3 in the tiny config; over 192 draws the sample
+    # std is within ~5% of it (one sd), and an all-zero or unit-normal head is far outside 20%.
+    assert float(model.score.weight.std()) == pytest.approx(tiny_llama_config().initializer_range, rel=0.2)
 
 
 def test_missing_and_truncated_weights_are_errors(tmp_path):
@@ -94,7 +96,8 @@ def test_peak_host_memory_is_lower(tmp_path):
     )
     peak = {}
     for mode in ("std", "low"):
-        done = subprocess.run([sys.executable, "-c", PEAK, str(path), mode], capture_output=True, text=True)
+        argv = [sys.executable, "-c", PEAK, str(path), mode]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         peak[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     # Load-then-quantize holds all fp32 weights (~150 MiB); quantizing while loading holds

@@ -92,7 +92,7 @@ def test_merged_model_loads_without_peft_or_bitsandbytes_and_matches(trained):
         "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n"
     )
     result_path = tmp / "merged_logits.pt"
-    done = subprocess.run([sys.executable, "-c", script, str(result_path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script, str(result_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     merged = torch.load(result_path, weights_only=True)
     # fp32 merge: dequant(quant(W)) + BA is the function the adapter trained against.

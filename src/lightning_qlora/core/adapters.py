@@ -202,7 +202,12 @@ def _prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) -
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")):
+    kinds = (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+    )
+    for suffix, task in kinds:
         if name.endswith(suffix):
             return task
     return None

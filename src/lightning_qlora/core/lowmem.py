@@ -31,7 +31,7 @@ from lightning_qlora.core.quantize import (
 )
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-_TASKS = ("causal-lm", "sequence-classification")
+_TASKS = ("causal-lm", "sequence-classification", "token-classification")
 
 
 def load_quantized(
@@ -52,7 +52,7 @@ def load_quantized(
         name_or_path: A local directory with ``*.safetensors`` shards (``lightning_qlora.load_model``
             with ``low_memory=True`` also takes a hub id or the embedded default).
         config: Quantization settings (NF4 with double quantization by default).
-        task: ``"causal-lm"`` or ``"sequence-classification"``.
+        task: ``"causal-lm"``, ``"sequence-classification"`` or ``"token-classification"``.
         device: Where the quantized weights go (CPU by default).
         trust_remote_code: Allow the model's own code (off unless you trust it).
         on_layer: Called as ``on_layer(name, original_weight, quantized_layer)`` for each layer.
@@ -111,11 +111,20 @@ def _load(
     config_kwargs: dict,
 ) -> tuple[nn.Module, QuantReport]:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     bnb = require_bitsandbytes()
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **config_kwargs)
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    cls = {
+        "causal-lm": AutoModelForCausalLM,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+    }[task]
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables etc. stay real
         model = cls.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=torch.float32)
 

@@ -23,6 +23,7 @@ from lightning_qlora.core.quantize import QuantConfig
 log = logging.getLogger(__name__)
 METADATA_FILE = "lightning_qlora.json"
 MERGED_KEY = "lightning_qlora_merged"
+_HEAD_TASKS = {"ForSequenceClassification": "sequence-classification", "ForTokenClassification": "token-classification"}
 
 
 def save_adapter(
@@ -47,8 +48,9 @@ def save_adapter(
     meta = {
         "format": 1,
         "base_model": getattr(base.config, "name_or_path", None),
-        "task": "sequence-classification" if type(base).__name__.endswith("ForSequenceClassification") else "causal-lm",
+        "task": model_task(base),
         "num_labels": getattr(base.config, "num_labels", None),
+        "label_names": _label_names(base),
         "quant": {
             "quant_type": quant.quant_type,
             "double_quant": quant.double_quant,
@@ -60,6 +62,20 @@ def save_adapter(
     }
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return directory
+
+
+def model_task(model: nn.Module) -> str:
+    """``load_model``'s task name for a transformers model: by its class, as ``AutoModelFor<Task>`` names it."""
+    name = type(model).__name__
+    return next((task for suffix, task in _HEAD_TASKS.items() if name.endswith(suffix)), "causal-lm")
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    """A head's class or tag names in id order, from the model config (None for a language-model head)."""
+    id2label = getattr(model.config, "id2label", None)
+    if model_task(model) == "causal-lm" or not id2label:
+        return None
+    return [str(id2label[i]) for i in sorted(id2label, key=int)]
 
 
 def _save_gathered(peft_model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor]) -> None:

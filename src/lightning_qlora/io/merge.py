@@ -24,6 +24,11 @@ from lightning_qlora.io.export import MERGED_KEY, quant_config_of, read_metadata
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
 
 
 def dequantize_model(model: nn.Module) -> int:
@@ -53,7 +58,12 @@ def load_base(base: str, meta: dict[str, Any], *, quantize: bool = True, trust_r
     from lightning_qlora.io.models import load_model
 
     task = meta.get("task", "causal-lm")
-    kwargs = {"num_labels": meta["num_labels"]} if task == "sequence-classification" and meta.get("num_labels") else {}
+    kwargs = {}
+    if task != "causal-lm" and meta.get("num_labels"):
+        kwargs["num_labels"] = meta["num_labels"]
+    if task != "causal-lm" and meta.get("label_names"):  # the merged model's config names its classes
+        kwargs["id2label"] = dict(enumerate(meta["label_names"]))
+        kwargs["label2id"] = {name: i for i, name in enumerate(meta["label_names"])}
     model = load_model(base, task=task, trust_remote_code=trust_remote_code, **kwargs)
     merged = getattr(model.config, MERGED_KEY, None)
     if merged:
@@ -147,7 +157,8 @@ def model_card(meta: dict[str, Any], adapter: Path, base: str, dtype: str) -> st
         "",
         f"- Base: `{base}`, quantized during training as `{json.dumps(meta.get('quant', {}))}`.",
         f"- Adapter: `{adapter}`, merged into the dequantized base and saved in {dtype}.",
-        "- Load with `AutoModelForCausalLM.from_pretrained(this_dir)` (no peft or bitsandbytes needed).",
+        f"- Load with `{_AUTO_CLASSES.get(meta.get('task'), 'AutoModelForCausalLM')}.from_pretrained(this_dir)`"
+        " (no peft or bitsandbytes needed).",
     ]
     if meta.get("metrics"):
         lines += ["", "## Metrics", "", "```json", json.dumps(meta["metrics"], indent=2), "```"]

@@ -187,7 +187,8 @@ def load_model(
     on_layer=None,
     **kwargs,
 ):
-    """Load a transformers model for ``task`` (``"causal-lm"`` or ``"sequence-classification"``).
+    """Load a transformers model for ``task`` (``"causal-lm"``, ``"sequence-classification"`` or
+    ``"token-classification"``).
 
     Weights load in ``dtype`` on CPU, whatever ``torch.device`` context is active (Lightning's
     ``configure_model`` runs under the accelerator's); QLoRAPlugin quantizes and places them at
@@ -210,9 +211,13 @@ def load_model(
                 " with save_pretrained(..., safe_serialization=True), or load it with model.low_memory=false."
             )
         return load_quantized(folder, quant_config, task, device, trust_remote_code, on_layer=on_layer, **kwargs)[0]
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    classes = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    classes = {
+        "causal-lm": AutoModelForCausalLM,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+    }
     if task not in classes:
         raise ValueError(f"task={task!r} is unknown; use one of: {', '.join(classes)}.")
     path = resolve_model_path(name_or_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import lightning as L
@@ -17,11 +18,17 @@ from lightning_qlora.tasks.metrics import reset_outside_inference
 from lightning_qlora.tasks.optim import check_optim_args, configure_optimizers
 
 
+def _metric_key(name: str) -> str:
+    """A class name as a metric-name suffix: ``Sci/Tech`` -> ``sci_tech``."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "class"
+
+
 class SequenceClassificationModule(L.LightningModule):
     """Fine-tune ``AutoModelForSequenceClassification``: QLoRA on the body, the head trained fully.
 
     Batches hold ``input_ids``, ``attention_mask`` and integer ``labels`` (one per row).
-    Logs ``train_loss``; ``val_loss``, ``val_acc``, ``val_macro_f1`` (likewise ``test_*``);
+    Logs ``train_loss``; ``val_loss``, ``val_acc``, ``val_macro_f1``, and ``val_f1_<class>`` for each
+    class (likewise ``test_*``);
     the last confusion matrix of each stage is kept in ``confusion[stage]`` (rows: truth).
 
     Args:
@@ -63,6 +70,10 @@ class SequenceClassificationModule(L.LightningModule):
         )
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        # Per-class F1 (the minority classes' scores are what a majority-class model gets wrong).
+        self.val_class_f1 = MulticlassF1Score(num_labels, average=None)
+        self.test_class_f1 = MulticlassF1Score(num_labels, average=None)
+        self._class_keys = [_metric_key(n) for n in (label_names or map(str, range(num_labels)))]
         self.val_confusion = MulticlassConfusionMatrix(num_labels)
         self.test_confusion = MulticlassConfusionMatrix(num_labels)
         self.confusion: dict[str, torch.Tensor] = {}
@@ -92,22 +103,24 @@ class SequenceClassificationModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
         return loss
 
+    def _stage_metrics(self, stage: str) -> tuple[MetricCollection, MulticlassF1Score, MulticlassConfusionMatrix]:
+        if stage == "val":
+            return self.val_metrics, self.val_class_f1, self.val_confusion
+        return self.test_metrics, self.test_class_f1, self.test_confusion
+
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         loss, logits = self._loss(batch)
-        metrics, confusion = (
-            (self.val_metrics, self.val_confusion) if stage == "val" else (self.test_metrics, self.test_confusion)
-        )
-        metrics.update(logits, batch["labels"])
-        confusion.update(logits, batch["labels"])
+        for metric in self._stage_metrics(stage):
+            metric.update(logits, batch["labels"])
         self.log(f"{stage}_loss", loss, batch_size=batch["labels"].size(0), sync_dist=True)
 
     def _eval_end(self, stage: str) -> None:
-        metrics, confusion = (
-            (self.val_metrics, self.val_confusion) if stage == "val" else (self.test_metrics, self.test_confusion)
-        )
+        metrics, class_f1, confusion = self._stage_metrics(stage)
         self.log_dict(metrics.compute(), prog_bar=stage == "val")
+        per_class = class_f1.compute()
+        self.log_dict({f"{stage}_f1_{key}": f1 for key, f1 in zip(self._class_keys, per_class, strict=True)})
         self.confusion[stage] = confusion.compute().clone().cpu()
-        reset_outside_inference(metrics, confusion)
+        reset_outside_inference(metrics, class_f1, confusion)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

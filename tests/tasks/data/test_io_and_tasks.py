@@ -43,7 +43,12 @@ def test_pubmedqa_rows_are_checked_with_row_and_field():
     task = get_task("pubmedqa")
     good = {"question": "q?", "context": {"contexts": ["c"]}, "long_answer": "l", "final_decision": "yes"}
     task.validate([good], "train")
-    assert task.to_pair(good) == (task.to_pair(good)[0], "Yes. l")
+    two = {**good, "context": {"contexts": ["First part.", "Second part."]}, "question": "Does it work?"}
+    prompt = (
+        "Read the abstract and answer the question with yes, no or maybe, then explain.\n\n"
+        "Abstract: First part. Second part.\n\nQuestion: Does it work?"
+    )
+    assert task.to_pair(two) == (prompt, "Yes. l")  # the contexts joined by a space, the question last
     with pytest.raises(ValueError, match=r"train row 1: missing field 'context.contexts'"):
         task.validate([good, {**good, "context": {}}], "train")
     with pytest.raises(ValueError, match=r"validation row 0: final_decision='perhaps' is not one of"):
@@ -108,8 +113,40 @@ def test_duplicated_ids_are_counted(caplog):
 
 
 def test_label_column_of_the_wrong_type():
-    rows = [{"text": "a", "label": "Sports"}]
-    with pytest.raises(ValueError, match=r"train row 0: label='Sports' is a str; the label column must hold integer"):
+    rows = [{"text": "a", "label": "Sprots"}]
+    with pytest.raises(ValueError, match=r"train row 0: label='Sprots' is a str that names no class; the label column"):
         get_task("ag_news").validate(rows, "train")
     with pytest.raises(ValueError, match=r"label=1.0 is a float"):
         get_task("ag_news").validate([{"text": "a", "label": 1.0}], "train")
+    with pytest.raises(ValueError, match=r"label=4 is outside the label set \(0=World, 1=Sports"):
+        get_task("ag_news").validate([{"text": "a", "label": 4}], "train")
+
+
+def test_class_labels_are_ids_or_names_in_any_case():
+    task = get_task("ag_news")
+    assert [task.label({"label": v}) for v in (0, "3", " sports ", "SCI/TECH")] == [0, 3, 1, 3]
+
+
+def test_financial_phrasebank_reads_sentence_and_takes_other_columns_from_the_config():
+    from lightning_qlora.tasks.data.tasks import with_columns
+
+    fpb = get_task("financial_phrasebank")
+    assert fpb.text_field == "sentence" and fpb.label_names == ("negative", "neutral", "positive")
+    with pytest.raises(ValueError, match="missing field 'sentence'"):
+        fpb.validate([{"text": "Sales rose.", "label": 2}], "train")
+    # An IMDB-style file: review text, named labels.
+    imdb = with_columns(fpb, "review", "sentiment", ["neg", "pos"])
+    rows = imdb.validate([{"review": "Dull.", "sentiment": "neg"}, {"review": "Great!", "sentiment": 1}], "train")
+    assert [imdb.label(r) for r in rows] == [0, 1] and imdb.text_field == "review"
+    with pytest.raises(ValueError, match="data.label_names=\\['x'\\] should name at least 2 classes"):
+        with_columns(fpb, None, None, ["x"])
+    with pytest.raises(ValueError, match="data.text_field applies to classification recipes"):
+        with_columns(get_task("pubmedqa"), "body", None, None)
+
+
+def test_majority_baseline_is_trains_majority_scored_on_the_evaluated_rows():
+    fpb = get_task("financial_phrasebank")
+    train = [{"label": label} for label in (1, 1, 1, 2, 0)]
+    rows = [{"label": label} for label in (1, 2, 2, 0)]
+    assert fpb.baseline_score(train, rows) == ("majority class", 0.25)  # 1 of 4 is neutral
+    assert fpb.baseline_score([], rows) is None

@@ -7,7 +7,7 @@ missing field instead of deep inside tokenization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +20,11 @@ MAX_EMPTY_FRACTION = 0.1  # more empty rows than this means a wrong column, not 
 class Task:
     """A dataset schema: required fields, and the (prompt, answer) it gives.
 
-    ``kind`` is ``"generate"`` (causal LM, loss on the answer) or ``"classify"`` (a
-    classification head over ``text``). ``choices`` are the answer openings scored by
-    likelihood for the choice accuracy: by their first token (Yes/No/Maybe), or by the mean
-    log-likelihood of the whole option (``choice_scoring="sequence"``, e.g. CaseHOLD's holdings).
+    ``kind`` is ``"generate"`` (causal LM, loss on the answer), ``"classify"`` (a
+    classification head over ``text``) or ``"token"`` (a tag per word of ``text_field``, from
+    ``tags``). ``choices`` are the answer openings scored by likelihood for the choice accuracy:
+    by their first token (Yes/No/Maybe), or by the mean log-likelihood of the whole option
+    (``choice_scoring="sequence"``, e.g. CaseHOLD's holdings).
     """
 
     name: str
@@ -36,6 +37,25 @@ class Task:
     label_names: tuple[str, ...] = ()
     choice_scoring: str = "first_token"  # or "sequence": mean log-likelihood of each whole option
     id_field: str | None = None  # the dataset's row id, checked for duplicates
+    text_field: str = "text"  # what a classification head reads; a token task's list of words
+    tags: Callable[[Row], list[int]] | None = None  # a token task's tag id per word (label_names[id])
+    # (train rows, evaluated rows) -> (what the baseline is, its score on the task metric). None: the
+    # majority class of train scored on the evaluated rows, for tasks with a label.
+    baseline: Callable[[list[Row], list[Row]], tuple[str, float]] | None = None
+
+    def baseline_score(self, train: list[Row], rows: list[Row]) -> tuple[str, float] | None:
+        """A trivial predictor's score on ``rows``, to print beside the task metric (None: no baseline)."""
+        if not train or not rows:
+            return None
+        if self.baseline is not None:
+            return self.baseline(train, rows)
+        if self.label is None:
+            return None
+        counts: dict[int, int] = {}
+        for row in train:
+            counts[self.label(row)] = counts.get(self.label(row), 0) + 1
+        majority = max(counts, key=counts.__getitem__)
+        return "majority class", sum(self.label(r) == majority for r in rows) / len(rows)
 
     def validate(self, rows: list[Row], split: str) -> list[Row]:
         """The rows that fit the schema; raise ``ValueError`` naming the first row and field that don't.
@@ -57,9 +77,9 @@ class Task:
                     empty.append(index)
                     break
             else:
-                if self.label is not None:
+                for check in filter(None, (self.label, self.tags)):
                     try:
-                        self.label(row)
+                        check(row)
                     except (KeyError, ValueError, TypeError) as err:
                         raise ValueError(f"{split} row {index}: {err}") from err
         _warn_duplicates(rows, self.id_field, split)
@@ -185,35 +205,138 @@ CASEHOLD = Task(
 )
 
 
-# --- AG News (fancyzhx/ag_news) -----------------------------------------------------
-AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+# --- Text classification: AG News, Financial PhraseBank, any text,label file -------------
+def class_label(label_names: Sequence[str], field: str = "label") -> Callable[[Row], int]:
+    """Row -> class index, from an integer id (csv cells may hold its digits) or a label name (any case)."""
+    by_name = {name.lower(): i for i, name in enumerate(label_names)}
+    names = ", ".join(f"{i}={n}" for i, n in enumerate(label_names))
 
+    def label(row: Row) -> int:
+        value = row[field]
+        if isinstance(value, str) and value.strip().lower() in by_name:
+            return by_name[value.strip().lower()]
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"{field}={row[field]!r} is a {type(row[field]).__name__} that names no class; the {field} column"
+                f" must hold class ids or names ({names}); set data.label_names to the file's names."
+            )
+        if not 0 <= value < len(label_names):
+            raise ValueError(
+                f"{field}={row[field]!r} is outside the label set ({names}); set data.label_names to all"
+                " the classes, in the order of their ids."
+            )
+        return value
 
-def _ag_news_label(row: Row) -> int:
-    label = row["label"]
-    names = ", ".join(f"{i}={n}" for i, n in enumerate(AG_NEWS_LABELS))
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
-        label = int(label)  # csv cells are strings
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise TypeError(
-            f"label={row['label']!r} is a {type(row['label']).__name__}; the label column must hold integer"
-            f" class ids ({names})."
-        )
-    if not 0 <= label < len(AG_NEWS_LABELS):
-        raise ValueError(f"label={row['label']!r} is outside the label set ({names}).")
     return label
 
 
-AG_NEWS = Task(
-    name="ag_news",
-    dataset="fancyzhx/ag_news",
-    required=("text", "label"),
-    label=_ag_news_label,
-    kind="classify",
-    label_names=AG_NEWS_LABELS,
+def classify_task(name: str, dataset: str, label_names: Sequence[str], text_field: str, label_field: str) -> Task:
+    """A classification task over ``text_field`` with integer (or named) classes in ``label_field``."""
+    return Task(
+        name=name,
+        dataset=dataset,
+        required=(text_field, label_field),
+        label=class_label(label_names, label_field),
+        kind="classify",
+        label_names=tuple(label_names),
+        text_field=text_field,
+    )
+
+
+def with_columns(
+    task: Task, text_field: str | None, label_field: str | None, label_names: Sequence[str] | None
+) -> Task:
+    """``task`` reading another file's columns and classes (``data.text_field`` & co.; None keeps the task's)."""
+    if task.kind != "classify":
+        keys = {"text_field": text_field, "label_field": label_field, "label_names": label_names}
+        given = [key for key, value in keys.items() if value]
+        if given:
+            raise ValueError(
+                f"data.{given[0]} applies to classification recipes; data.task={task.name!r} has fixed fields."
+            )
+        return task
+    if label_names is not None and len(label_names) < 2:
+        raise ValueError(f"data.label_names={list(label_names)} should name at least 2 classes.")
+    return classify_task(
+        task.name,
+        task.dataset,
+        tuple(label_names) if label_names else task.label_names,
+        text_field or task.text_field,
+        label_field or task.required[1],
+    )
+
+
+AG_NEWS = classify_task("ag_news", "fancyzhx/ag_news", ("World", "Sports", "Business", "Sci/Tech"), "text", "label")
+# takala/financial_phrasebank (sentences_50agree and the other agreement levels): one train split.
+FINANCIAL_PHRASEBANK = classify_task(
+    "financial_phrasebank", "takala/financial_phrasebank", ("negative", "neutral", "positive"), "sentence", "label"
 )
 
-TASKS = {t.name: t for t in (PUBMEDQA, PUBMEDQA_DECISION, CASEHOLD, AG_NEWS)}
+
+# --- CoNLL-2003 named entities (eriktks/conll2003) -----------------------------------------
+# The hub's ner_tags ClassLabel, in id order (IOB2: B- opens an entity, I- continues it).
+CONLL2003_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+_CONLL_IDS = {name: i for i, name in enumerate(CONLL2003_TAGS)}
+
+
+def _conll_tags(row: Row) -> list[int]:
+    """Row -> one tag id per word of ``tokens``, from ids (the published schema) or names (``"B-PER"``)."""
+    words, tags = row["tokens"], row["ner_tags"]
+    if not isinstance(words, list) or not isinstance(tags, list):
+        raise TypeError(
+            f"tokens and ner_tags should be lists, not {type(words).__name__} and {type(tags).__name__};"
+            " give each row its words and one tag per word."
+        )
+    if len(words) != len(tags):
+        raise ValueError(f"tokens has {len(words)} words but ner_tags has {len(tags)} tags; give one tag per word.")
+    for i, word in enumerate(words):
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"tokens[{i}]={word!r} is not a word; every entry of tokens must be a non-empty string.")
+    ids = []
+    for i, tag in enumerate(tags):
+        value = tag.strip() if isinstance(tag, str) else tag
+        if isinstance(value, str):  # a name, or an id's digits (csv)
+            value = _CONLL_IDS.get(value, int(value) if value.isdigit() else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(CONLL2003_TAGS):
+            names = ", ".join(f"{k}={n}" for k, n in enumerate(CONLL2003_TAGS))
+            raise ValueError(f"ner_tags[{i}]={tag!r} is not a CoNLL-2003 tag; use an id or name of: {names}.")
+        ids.append(value)
+    return ids
+
+
+def _conll_baseline(train: list[Row], rows: list[Row]) -> tuple[str, float]:
+    """Entity F1 on ``rows`` of tagging each word with its most frequent tag in ``train`` (unseen: O).
+
+    Ties go to the lower tag id (O first). The CoNLL-2003 paper's baseline is the same idea.
+    """
+    from lightning_qlora.tasks.entities import entity_scores
+
+    counts: dict[str, dict[int, int]] = {}
+    for row in train:
+        for word, tag in zip(row["tokens"], _conll_tags(row), strict=True):
+            seen = counts.setdefault(word, {})
+            seen[tag] = seen.get(tag, 0) + 1
+    best = {word: min(seen, key=lambda t, seen=seen: (-seen[t], t)) for word, seen in counts.items()}
+    gold = [[CONLL2003_TAGS[t] for t in _conll_tags(row)] for row in rows]
+    pred = [[CONLL2003_TAGS[best.get(word, 0)] for word in row["tokens"]] for row in rows]
+    return "most frequent tag per word in train", entity_scores(gold, pred)["f1"]
+
+
+CONLL2003 = Task(
+    name="conll2003",
+    dataset="eriktks/conll2003",
+    required=("tokens", "ner_tags"),
+    kind="token",
+    label_names=CONLL2003_TAGS,
+    id_field="id",
+    text_field="tokens",
+    tags=_conll_tags,
+    baseline=_conll_baseline,
+)
+
+TASKS = {t.name: t for t in (PUBMEDQA, PUBMEDQA_DECISION, CASEHOLD, AG_NEWS, FINANCIAL_PHRASEBANK, CONLL2003)}
 
 
 def get_task(name: str) -> Task:
