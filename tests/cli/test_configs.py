@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if list(g.glob("*.yaml"))}
@@ -31,7 +32,7 @@ def _compose(*overrides: str):
 
 def test_every_group_has_options():
     assert set(GROUPS) == {"recipe", "model", "quant", "adapter", "data", "optimizer", "trainer", "logger"}
-    assert GROUPS["recipe"] == ["classification", "legal", "medical"]
+    assert GROUPS["recipe"] == ["classification", "legal", "medical", "ner", "sentiment"]
     assert GROUPS["optimizer"] == ["adamw", "auto", "paged_adamw_8bit"]
 
 
@@ -81,12 +82,29 @@ def test_the_default_optimizer_fits_the_device():
 
 
 def test_holding_out_validation_is_deterministic_by_seed():
-    from lightning_qlora.app.train import _hold_out
+    from lightning_qlora.app.splits import hold_out
 
     rows = [{"i": i} for i in range(20)]
-    a = _hold_out({"train": rows}, 0.25, seed=3, source="x")
-    b = _hold_out({"train": rows}, 0.25, seed=3, source="x")
-    c = _hold_out({"train": rows}, 0.25, seed=4, source="x")
+    data = OmegaConf.create({"val_fraction": 0.25, "test_fraction": 0.0})
+    a, _ = hold_out({"train": rows}, data, seed=3, source="x")
+    b, _ = hold_out({"train": rows}, data, seed=3, source="x")
+    c, _ = hold_out({"train": rows}, data, seed=4, source="x")
     assert a == b and a != c
-    assert len(a["validation"]) == 5 and len(a["train"]) == 15
+    assert len(a["validation"]) == 5 and len(a["train"]) == 15 and "test" not in a
     assert sorted(r["i"] for r in a["train"] + a["validation"]) == list(range(20))
+
+
+def test_a_train_only_dataset_holds_out_validation_and_test_apart():
+    from lightning_qlora.app.splits import hold_out
+
+    rows = [{"i": i} for i in range(20)]
+    data = OmegaConf.create({"val_fraction": 0.1, "test_fraction": 0.2})
+    splits, note = hold_out({"train": rows}, data, seed=0, source="x")
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [14, 2, 4]
+    assert sorted(r["i"] for s in splits.values() for r in s) == list(range(20))  # disjoint, nothing lost
+    assert note == " (10% for validation and 20% for test held out of train by seed 0)"
+    # A split the data has is never replaced.
+    kept, _ = hold_out({"train": rows, "test": [{"i": -1}]}, data, seed=0, source="x")
+    assert kept["test"] == [{"i": -1}] and len(kept["validation"]) == 2
+    with pytest.raises(ValueError, match="x has 3 rows: too few to hold out validation and test splits"):
+        hold_out({"train": rows[:3]}, OmegaConf.create({"val_fraction": 0.5, "test_fraction": 0.5}), 0, "x")

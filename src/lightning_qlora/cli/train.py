@@ -1,6 +1,6 @@
 """``lightning-qlora train``: fine-tune with QLoRA, configured by Hydra overrides.
 
-    lightning-qlora train                             # medical recipe, embedded SmolLM2, CPU
+    lightning-qlora train                             # sentiment recipe, embedded SmolLM2, CPU
     lightning-qlora train recipe=medical trainer.max_steps=200 adapter.r=64
     lightning-qlora train -m adapter.r=8,16           # a sweep
     lightning-qlora train --config-dir ./my_conf recipe=mine   # a recipe of your own
