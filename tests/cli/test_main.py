@@ -63,6 +63,24 @@ def test_merge_then_generate_from_merged_and_from_adapter(run_dir, tmp_path):
         result = _cli("generate", *source, "--prompt", "Is it raining?", "--max-new-tokens", "3")
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.startswith(">>> Is it raining?\n") and len(result.stdout.splitlines()) >= 2
+        if source[0] == "--base":  # the merged model is plain transformers: its answer, computed here
+            assert result.stdout == f">>> Is it raining?\n{_greedy_answer(merged, 'Is it raining?', 3)}\n"
+
+
+def _greedy_answer(model_dir: Path, prompt: str, new_tokens: int) -> str:
+    """Stock transformers' greedy answer, with the chat template, as `generate` should print it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()  # load_model's dtype
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_bad_input_is_one_line(tmp_path):
