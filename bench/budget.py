@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    from lightning_qlora.app.train import build_data, build_module, load_splits
+    from lightning_qlora.app.build import build_data, build_module
+    from lightning_qlora.app.splits import load_splits
     from lightning_qlora.io.models import load_tokenizer
     from lightning_qlora.lightning.plugin import QLoRAPlugin
     from lightning_qlora.tasks.data import get_task

@@ -569,7 +569,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         add_adapters,
         load_model,
     )
-    from lightning_qlora.app.train import build_data, load_splits
+    from lightning_qlora.app.build import build_data
+    from lightning_qlora.app.splits import load_splits
     from lightning_qlora.io.models import load_tokenizer
     from lightning_qlora.tasks.data import get_task
 

@@ -8,12 +8,13 @@ import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_qlora.app.train import _floats, _unsharded_storage, build_data, build_module, load_splits
+from lightning_qlora.app.build import build_data, build_module, unsharded_storage
+from lightning_qlora.app.report import round_metrics
+from lightning_qlora.app.splits import load_splits, task_of
 from lightning_qlora.io.export import quant_config_of, read_metadata
 from lightning_qlora.io.models import load_tokenizer
 from lightning_qlora.lightning.callbacks import LoRAAdapters
 from lightning_qlora.lightning.plugin import QLoRAPlugin
-from lightning_qlora.tasks.data import get_task
 
 CONFIG_MODULE = "lightning_qlora.conf"
 # What scoring reads from the config an adapter was trained with; the rest (optimizer, steps)
@@ -79,7 +80,7 @@ def _shipped_recipe_names() -> set[str]:
 def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split: str = "test") -> dict[str, float]:
     """Score a saved adapter on ``split`` of the configured data, with the recipe's metrics."""
     L.seed_everything(cfg.seed, verbose=False)
-    task = get_task(cfg.data.task)
+    task = task_of(cfg.data)
     splits, source = load_splits(cfg.data, task, cfg.seed)
     if split == "test" and "test" not in splits:
         raise ValueError(f"{source} has no test split; use --split validation.")
@@ -93,7 +94,7 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
         q.quant_type if q else quant.type,
         q.double_quant if q else quant.double_quant,
         quant.compute_dtype,
-        q.quant_storage if q else _unsharded_storage(quant.quant_storage),
+        q.quant_storage if q else unsharded_storage(quant.quant_storage),
         list(q.skip_modules if q else quant.skip_modules),
         int8_modules=(meta.get("quant") or {}).get("int8_modules", ()),
     )
@@ -107,7 +108,7 @@ def evaluate_adapter(cfg: DictConfig, adapter: str, meta: dict[str, Any], split:
         enable_model_summary=False,
     )
     run_split = trainer.test if split == "test" else trainer.validate
-    return _floats(run_split(module, dm, verbose=False)[0])
+    return round_metrics(run_split(module, dm, verbose=False)[0])
 
 
 def evaluate_saved_adapter(

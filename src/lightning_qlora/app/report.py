@@ -1,12 +1,15 @@
-"""Run outputs a person reads: the loss curve and a short markdown report."""
+"""Run outputs a person reads: the loss and task-metric curves, and a short markdown report."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from lightning_qlora.tasks.data import Task
 
 
 def plot_loss(metrics_csvs: Path | list[Path], png: Path) -> bool:
@@ -38,6 +41,33 @@ def plot_loss(metrics_csvs: Path | list[Path], png: Path) -> bool:
         ax.plot(val_steps, val_losses, "o", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_metric(points: list, metric: str, png: Path, best_step: int | None = None) -> bool:
+    """Plot the task metric by step (``[step, value]`` pairs), the adapter kept at ``best_step``
+    marked; False when there is nothing to plot.
+    """
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*points, strict=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values, "o-", label=metric)
+    best = dict(zip(steps, values, strict=True)).get(best_step)
+    if best is not None:
+        label = f"adapter/, the best during training: {best:.4f} at step {best_step}"
+        ax.plot([best_step], [best], "*", color="tab:red", markersize=16, label=label)
+    ax.set_xlabel("optimizer step (0: before training)")
+    ax.set_ylabel(f"{metric} (validation)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -89,7 +119,77 @@ def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[
     if result.get("test"):
         lines += ["", "Held-out test split, after training:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in result["test"].items()]
+    lines += _selection_lines(result.get("adapter"), path.parent / "metric_curve.png")
     for ex in examples:
         lines += ["", "## Sample answer", "", f"**Reference:** {ex['reference']}", ""]
         lines += [f"**Before:** {ex['before']}", "", f"**After:** {ex['after']}"]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _selection_lines(chosen: dict[str, Any] | None, curve: Path) -> list[str]:
+    """The report's task-metric section: which adapter ``adapter/`` holds, and the metric's curve."""
+    if not chosen:
+        return []
+    metric = chosen["metric"]
+    lines = ["", f"## Task metric: {metric} ({chosen['mode']})", ""]
+    if chosen["kept"] == "best":
+        lines.append(
+            f"`adapter/` is the best adapter by {metric}: {chosen['score']:.4f} at step {chosen['step']} of"
+            f' {chosen["last_step"]}; "after" and test above measure it. `adapter-last/` is the last.'
+        )
+    else:
+        lines.append(
+            f"`adapter/` is the last adapter (step {chosen['step']}): no validation during training chose one."
+        )
+    if chosen.get("stopped_early"):
+        lines.append(f"Training stopped early at step {chosen['last_step']}: {metric} had stopped improving.")
+    if curve.is_file():
+        lines += ["", f"![{metric} at each validation]({curve.name})"]
+    return lines
+
+
+# The metric a task's baseline (Task.baseline_score) is scored on, by task kind.
+BASELINE_METRIC = {"generate": "choice_acc", "classify": "acc", "token": "f1"}
+SUMMARY_KEYS = {
+    "generate": ("val_loss", "val_ppl", "val_token_acc", "val_choice_acc"),
+    "classify": ("val_loss", "val_acc", "val_macro_f1"),
+    "token": ("val_loss", "val_precision", "val_recall", "val_f1"),
+}
+
+
+def round_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in metrics.items()}
+
+
+def baselines(task: Task, splits: dict[str, list[dict]]) -> dict[str, Any] | None:
+    """The task's trivial predictor (fitted on train) scored on validation and test, by metric name."""
+    metric = BASELINE_METRIC.get(task.kind)
+    scores = {}
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if metric and (found := task.baseline_score(splits.get("train", []), splits.get(split, []))) is not None:
+            scores["what"], scores[f"{prefix}_{metric}"] = found[0], round(found[1], 4)
+    return scores or None
+
+
+def print_summary(result: dict, keys: tuple[str, ...], examples: list[dict], out: Path) -> None:
+    b, a, test, base = result["before"], result["after"], result["test"], result.get("baseline", {})
+    beside = lambda key: f"   ({base['what']}: {base[key]:.4f})" if key in base else ""  # noqa: E731
+    print("\n=== lightning-qlora: before -> after ===")
+    for key in keys:
+        if key in b:
+            print(f"{key:>15}: {b[key]:.4f} -> {a[key]:.4f}{beside(key)}")
+    for key in (f"test_{k.removeprefix('val_')}" for k in keys):
+        if key in test:
+            print(f"{key:>15}: {test[key]:.4f}{' ' * 10 + beside(key) if key in base else ''}")
+    for ex in examples:
+        print(f"\nPrompt (end): ...{ex['prompt'][-160:]}")
+        print(f"Reference:     {ex['reference']}")
+        print(f"Before:        {ex['before']}")
+        print(f"After:         {ex['after']}")
+    if (kept := result.get("adapter")) and kept["kept"] == "best":
+        print(
+            f"\nadapter/ holds step {kept['step']} of {kept['last_step']}, the best by {kept['metric']}"
+            f" ({kept['score']:.4f}){'; stopped early' if kept['stopped_early'] else ''}; adapter-last/ the last"
+        )
+    files = "config.yaml, metrics.json, logs/, loss_curve.png, metric_curve.png, adapter/, report.md"
+    print(f"\nOutputs: {out} ({files})")
