@@ -23,7 +23,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    overrides = [f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", "data.batch_size=2"]
+    # The generative recipe: merge and generate below compare with a plain causal LM's greedy answer.
+    overrides = ["recipe=medical", f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", "data.batch_size=2"]
     overrides += ["sample_prompts=0", f"output_dir={out}"]
     done = subprocess.run(
         [sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, env=cli_env(), timeout=600
@@ -124,7 +125,7 @@ def test_a_users_own_recipe_from_their_own_directory(tiny_model_dir, tmp_path):
     tiny = (f"model.name_or_path={tiny_model_dir}", "trainer.max_steps=2", f"output_dir={out}")
     result = run_cli(["train", "--config-dir", "my_conf", "recipe=mine", *tiny], cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "the sample in my_rows (25% of train held out for validation by seed 0)" in (out / "report.md").read_text()
+    assert "the sample in my_rows (25% for validation held out of train by seed 0)" in (out / "report.md").read_text()
     meta = json.loads((out / "adapter" / "lightning_qlora.json").read_text())
     assert (meta["recipe"], meta["sample"]) == ("mine", None)
     # The same recipe through Hydra's search path; the shipped recipes stay selectable beside it.
