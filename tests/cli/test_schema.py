@@ -111,6 +111,14 @@ COMPOUND_RULES = [
         "adapter.init=loftq needs the unquantized weights; set model.low_memory=false",
     ),
     (
+        ("model.low_memory=true", "measure_quant_cost=true"),
+        "measure_quant_cost=true validates the unquantized base; set model.low_memory=auto or false",
+    ),
+    (
+        ("trainer=ddp", "trainer.accelerator=cpu", "measure_quant_cost=true"),
+        "measure_quant_cost=true runs in one process; set trainer.devices=1 (trainer=cpu or gpu)",
+    ),
+    (
         ("trainer=gpu", "trainer.accelerator=cpu", "trainer.optimizer=paged_adamw_8bit"),
         "trainer.optimizer=paged_adamw_8bit needs a GPU; use adamw on CPU",
     ),

@@ -137,6 +137,7 @@ class DataConfig(Checked):
 RUN_CHECKS = (
     Check("seed", is_int(0), "an integer >= 0"),
     Check("overwrite", is_bool, "true or false"),
+    Check("measure_quant_cost", is_bool, "true or false"),
     Check("model.trust_remote_code", is_bool, "true or false (false unless you trust the model's code)"),
     Check("model.low_memory", lambda v: isinstance(v, bool) or v == "auto", "true, false or auto"),
     Check("quant.keep_high_precision", lambda v: v is None or is_number(0, True, 1)(v), "null or in (0, 1)", "0.05"),
@@ -225,6 +226,11 @@ def _across_groups(cfg: DictConfig) -> list[str]:
         problems.append("adapter.init=loftq needs a 4-bit quant.type (nf4 or fp4)")
     if get("adapter.init") == "loftq" and get("model.low_memory") is True:
         problems.append("adapter.init=loftq needs the unquantized weights; set model.low_memory=false")
+    if get("measure_quant_cost") is True and get("model.low_memory") is True:
+        problems.append("measure_quant_cost=true validates the unquantized base; set model.low_memory=auto or false")
+    one_process = get("trainer.devices") == 1 and get("trainer.num_nodes") == 1
+    if get("measure_quant_cost") is True and not one_process:
+        problems.append("measure_quant_cost=true runs in one process; set trainer.devices=1 (trainer=cpu or gpu)")
     name_key = optimizer_keys(cfg)["name"]
     # An explicit choice; optimizer=auto picks AdamW on CPU (tasks.optim.resolve_optimizer).
     if get("trainer.accelerator") == "cpu" and get(name_key) == "paged_adamw_8bit":

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from lightning_qlora.app.quant_cost import describe
+
 if TYPE_CHECKING:
     from lightning_qlora.tasks.data import Task
 
@@ -119,6 +121,8 @@ def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[
     if result.get("test"):
         lines += ["", "Held-out test split, after training:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in result["test"].items()]
+    if result.get("quant_cost"):
+        lines += ["", f"Quantization: {describe(result['quant_cost'])}."]
     lines += _selection_lines(result.get("adapter"), path.parent / "metric_curve.png")
     for ex in examples:
         lines += ["", "## Sample answer", "", f"**Reference:** {ex['reference']}", ""]
@@ -191,5 +195,7 @@ def print_summary(result: dict, keys: tuple[str, ...], examples: list[dict], out
             f"\nadapter/ holds step {kept['step']} of {kept['last_step']}, the best by {kept['metric']}"
             f" ({kept['score']:.4f}){'; stopped early' if kept['stopped_early'] else ''}; adapter-last/ the last"
         )
+    if result.get("quant_cost"):
+        print(f"\n{describe(result['quant_cost'])}")
     files = "config.yaml, metrics.json, logs/, loss_curve.png, metric_curve.png, adapter/, report.md"
     print(f"\nOutputs: {out} ({files})")

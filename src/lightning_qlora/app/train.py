@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_qlora.app.build import build_data, build_module, build_plugin, build_trainer, is_fsdp
 from lightning_qlora.app.config import task_metric, validate_config
 from lightning_qlora.app.generate import generate
+from lightning_qlora.app.quant_cost import describe, quant_cost, unquantized_val_loss
 from lightning_qlora.app.report import (
     SUMMARY_KEYS,
     baselines,
@@ -116,12 +117,14 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     dm = build_data(cfg, task, tokenizer, splits)
     module = build_module(cfg, task)
     log_version = f"resumed_{len(list((out / 'logs').glob('resumed_*'))) + 1}" if ckpt is not None else ""
+    # Opt-in: the base's validation loss before the plugin quantizes it (app/quant_cost.py).
+    unquantized = unquantized_val_loss(cfg, module, dm) if cfg.get("measure_quant_cost") else None
     trainer = build_trainer(cfg, out, log_version)
     config_file = out / (f"config_{log_version}.yaml" if log_version else "config.yaml")
     config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     try:
-        return _run_stages(cfg, out, ckpt, task, splits, source, tokenizer, dm, module, trainer)
+        return _run_stages(cfg, out, ckpt, task, splits, source, tokenizer, dm, module, trainer, unquantized)
     except SIGTERMException as err:  # a SystemExit(0) subclass: without this the job would look successful
         last = out / "checkpoints" / "last.ckpt"
         saved = f"saved {last} at step {trainer.global_step}" if last.is_file() else "no checkpoint was saved"
@@ -142,6 +145,7 @@ def _run_stages(
     dm: L.LightningDataModule,
     module: L.LightningModule,
     trainer: L.Trainer,
+    unquantized: float | None = None,
 ) -> dict[str, Any]:
     """Validate (before), fit, validate and test (after), then write the report."""
     samples = splits["validation"][: cfg.sample_prompts] if task.kind == "generate" else []
@@ -152,6 +156,9 @@ def _run_stages(
     before = trainer.validate(module, dm, verbose=False)[0]
     monitor = task_metric(cfg)
     monitor.value(before)  # a task metric this task never logs fails here, before any training
+    cost = quant_cost(unquantized, before["val_loss"], cfg.quant.type) if unquantized is not None else None
+    if cost is not None:
+        rank_zero_info(describe(cost))
     confusion_before = getattr(module, "confusion", {}).get("val")
     answers_before = _answers(trainer, module, tokenizer, task, samples, cfg.max_new_tokens)
     if ckpt is not None:
@@ -167,6 +174,8 @@ def _run_stages(
     result["adapter"] = selection
     if (baseline := baselines(task, splits)) is not None:
         result["baseline"] = baseline
+    if cost is not None:
+        result["quant_cost"] = cost
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         plot_loss(sorted((out / "logs").glob("**/metrics.csv")), out / "loss_curve.png")
