@@ -6,7 +6,6 @@ import os
 import re
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
@@ -14,8 +13,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from typing_extensions import override
 
 from lightning_qlora.io.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
+from lightning_qlora.tasks.heads import HeadModule
 from lightning_qlora.tasks.metrics import reset_outside_inference
-from lightning_qlora.tasks.optim import check_optim_args, configure_optimizers
+from lightning_qlora.tasks.optim import check_optim_args
 
 
 def _metric_key(name: str) -> str:
@@ -23,7 +23,7 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "class"
 
 
-class SequenceClassificationModule(L.LightningModule):
+class SequenceClassificationModule(HeadModule):
     """Fine-tune ``AutoModelForSequenceClassification``: QLoRA on the body, the head trained fully.
 
     Batches hold ``input_ids``, ``attention_mask`` and integer ``labels`` (one per row).
@@ -89,19 +89,9 @@ class SequenceClassificationModule(L.LightningModule):
             )
             self.model.train()  # from_pretrained returns eval mode; see CausalLMModule
 
-    @override
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask")).float()
         return nn.functional.cross_entropy(logits, batch["labels"]), logits
-
-    @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
-        return loss
 
     def _stage_metrics(self, stage: str) -> tuple[MetricCollection, MulticlassF1Score, MulticlassConfusionMatrix]:
         if stage == "val":
@@ -121,23 +111,3 @@ class SequenceClassificationModule(L.LightningModule):
         self.log_dict({f"{stage}_f1_{key}": f1 for key, f1 in zip(self._class_keys, per_class, strict=True)})
         self.confusion[stage] = confusion.compute().clone().cpu()
         reset_outside_inference(metrics, class_f1, confusion)
-
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    @override
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
-
-    @override
-    def configure_optimizers(self):
-        return configure_optimizers(self)

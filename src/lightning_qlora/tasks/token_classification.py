@@ -6,7 +6,6 @@ import os
 import re
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from torch import nn
 from typing_extensions import override
@@ -14,13 +13,14 @@ from typing_extensions import override
 from lightning_qlora.io.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
 from lightning_qlora.tasks.data.tasks import CONLL2003_TAGS
 from lightning_qlora.tasks.entities import EntityMetrics
+from lightning_qlora.tasks.heads import HeadModule
 from lightning_qlora.tasks.metrics import IGNORE_INDEX, reset_outside_inference
-from lightning_qlora.tasks.optim import check_optim_args, configure_optimizers
+from lightning_qlora.tasks.optim import check_optim_args
 
 _TAG = re.compile(r"O|[BI]-\S+")
 
 
-class TokenClassificationModule(L.LightningModule):
+class TokenClassificationModule(HeadModule):
     """Fine-tune ``AutoModelForTokenClassification``: QLoRA on the body, the head trained fully.
 
     Batches hold ``input_ids``, ``attention_mask``, ``labels`` (a tag id per token, ``-100`` where
@@ -78,20 +78,10 @@ class TokenClassificationModule(L.LightningModule):
             )
             self.model.train()  # from_pretrained returns eval mode; see CausalLMModule
 
-    @override
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask")).float()
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
-
-    @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["labels"].size(0))
-        return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         loss, logits = self._loss(batch)
@@ -107,23 +97,3 @@ class TokenClassificationModule(L.LightningModule):
         for key, value in scores.items():
             self.log(f"{stage}_{key}", value, prog_bar=stage == "val" and key == "f1")
         reset_outside_inference(entities)
-
-    @override
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
-
-    @override
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    @override
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
-
-    @override
-    def configure_optimizers(self):
-        return configure_optimizers(self)
