@@ -8,8 +8,9 @@ from lightning_qlora.core.quantize import quantize_model
 from tests.conftest import tiny_llama_config
 
 # The tiny config: hidden 64, intermediate 128, 2 layers, 4 heads of 16 (2 kv heads: kv width 32),
-# vocab 64, untied head. Batch 2 x seq 16 = 32 tokens, LoRA r=8 with dropout 0.05, fp32.
-TINY = dict(batch_size=2, seq_len=16, r=8, overhead_bytes=0)
+# vocab 64, untied head. Batch 2 x seq 16 = 32 tokens, LoRA r=8 with dropout 0.05, fp32; the live-set
+# model of an allocator that reuses freed memory, and an fp32 load before quantizing.
+TINY = dict(batch_size=2, seq_len=16, r=8, overhead_bytes=0, allocator="returning", low_memory=False)
 
 
 def test_tiny_estimate_is_pinned_by_hand():
@@ -44,6 +45,21 @@ def test_without_checkpointing_every_layer_is_kept_and_the_head_matters():
     assert answers.logits == 3 * (2 * 4) * 64 * 4
 
 
+def test_glibc_heap_keeps_a_steps_activations_and_their_gradients():
+    kw = dict(TINY, allocator="glibc")
+    ckpt, full = (estimate_memory(tiny_llama_config(), gradient_checkpointing=g, **kw) for g in (True, False))
+    # Per token and layer: the 2,584 B core; adapter inputs 512 floats dropped (2,048 B) and their
+    # masks, one bit each inside checkpointed blocks (64 B) or fp32 outside (2,048 B); 224 B of lora_A
+    # outputs. Gradients: (640 core + 512 adapter-input) floats = 4,608 B. Kept and workspace as above.
+    assert ckpt.activations == 28_672 + 32_768 + 32 * 2 * (2_584 + 2_048 + 64 + 224)
+    assert full.activations == 28_672 + 32_768 + 32 * 2 * (6_904 + 4_608)
+    # The logits count in both: on the heap they stay, mapped they are alive at the loss backward.
+    assert ckpt.logits == full.logits == 23_040
+    assert ckpt.peak_at.startswith("loss backward")
+    low = estimate_memory(tiny_llama_config(), **dict(kw, low_memory=True))
+    assert low.setup_peak == low.base_weights + low.adapters + 3 * 128 * 64 * 4
+
+
 def test_weights_and_adapters_match_what_quantize_and_add_adapters_build(tiny_llama):
     est = estimate_memory(tiny_llama.config, **TINY)
     report = quantize_model(tiny_llama)
@@ -71,7 +87,7 @@ def test_16bit_compute_halves_activations_and_frozen_weights():
 def test_auto_batch_size_picks_the_largest_micro_batch_that_fits():
     config = tiny_llama_config()
     two, four = (estimate_memory(config, **dict(TINY, batch_size=b)).total for b in (2, 4))
-    kw = dict(r=8, overhead_bytes=0)
+    kw = dict(r=8, overhead_bytes=0, allocator="returning")
     assert auto_batch_size(config, (two + four) // 2, 16, 8, **kw) == (2, 4)
     assert auto_batch_size(config, four, 16, 8, **kw) == (4, 2)
     assert auto_batch_size(config, 10**12, 16, 6, **kw) == (6, 1)
@@ -90,6 +106,7 @@ def test_auto_batch_size_picks_the_largest_micro_batch_that_fits():
         (dict(quant_type="int4"), "quant_type='int4' is unknown"),
         (dict(quant_type="int8", compute_dtype="bf16"), "int8' does not support compute_dtype=bf16"),
         (dict(optimizer="sgd"), "optimizer='sgd' is unknown"),
+        (dict(allocator="jemalloc"), "allocator='jemalloc' is unknown"),
     ],
 )
 def test_bad_sizes_and_options_raise(kwargs, match):
@@ -114,7 +131,8 @@ def test_cli_prints_the_table_and_the_batch_split(tmp_path, capsys):
     tiny_llama_config().save_pretrained(tmp_path)
     assert main(["--model", str(tmp_path), "--batch-size", "2", "--seq-len", "16", "--r", "8"]) == 0
     out = capsys.readouterr().out
-    assert "batch 2 x seq 16" in out and "total" in out and "peak at recompute" in out
+    assert "batch 2 x seq 16" in out and "total" in out and "peak at loss backward" in out
+    assert "measured within ±15%:" in out and "bench/results/estimate_vs_measured.json" in out
     assert (
         main(["--model", str(tmp_path / "config.json"), "--batch-size", "8", "--seq-len", "16", "--budget", "64"]) == 0
     )
