@@ -441,7 +441,9 @@ today=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 # The tests part's command, the same in the dry run (there with LQ_GPU_CHECK_DEVICE=cpu): every
 # gpu-marked test of the suite, each outcome into the JUnit file; a module that fails to import
 # (a package the image lacks) costs its own tests, not the whole part.
-tests_cmd=("$py" -m pytest -m gpu -p no:cacheprovider -v -rA --continue-on-collection-errors
+# addopts is replaced: the suite's "-n 2" needs pytest-xdist, which the GPU image lacks, and the few
+# gpu tests run one at a time on the one GPU.
+tests_cmd=("$py" -m pytest -m gpu -p no:cacheprovider -o addopts= -v -rA --continue-on-collection-errors
   -o junit_family=xunit1 --junitxml="$work/junit.xml")
 
 if [[ $dry_run == 1 ]]; then

@@ -20,6 +20,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 VOCAB = 64
 SEQ = 16
 
+# The models the tests train are tiny (64-wide): their ops are too small to share out over threads,
+# and OpenMP's hand-offs between 2 threads made a step several times slower than one thread. Child
+# processes (train.py, the CLI, DDP ranks) inherit one thread too; no code path depends on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 # What Lightning's distributed setup writes into os.environ. A test that sets up a strategy in
 # this process leaves MASTER_PORT behind, still bound here, and every 2-process run launched
 # afterwards (DDP, FSDP, train.py) inherits it and fails with EADDRINUSE.
