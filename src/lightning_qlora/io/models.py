@@ -79,9 +79,16 @@ def default_model_dir() -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        # Another process (a DDP rank, a second job) may have finished the same conversion meanwhile:
+        # keep its copy, which someone may be reading, and drop ours.
+        if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+            if target.exists():
+                shutil.rmtree(target)  # a partial copy from before atomic renames
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not (target / "model.safetensors").is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
