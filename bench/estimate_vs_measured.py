@@ -98,7 +98,15 @@ def batches(vocab: int, batch: int, seq: int, answer: int | None, steps: int) ->
     return out
 
 
-def child_train(folder: str, batch: int, seq: int, checkpointing: bool, answer: int | None, steps: int) -> dict:
+def child_train(
+    folder: str,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    answer: int | None,
+    steps: int,
+    loss_chunk: int | None = None,
+) -> dict:
     """Fit ``steps`` steps through QLoRAPlugin + Trainer; RSS figures in MiB."""
     import lightning as L
     import torch
@@ -128,7 +136,7 @@ def child_train(folder: str, batch: int, seq: int, checkpointing: bool, answer: 
             marks["start"] = now
 
     plugin = QLoRAPlugin(adapters=AdapterConfig(r=16, dropout=0.05, gradient_checkpointing=checkpointing))
-    module = CausalLMModule(folder, warmup_steps=0)
+    module = CausalLMModule(folder, warmup_steps=0, loss_chunk_size=loss_chunk)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,

@@ -139,3 +139,16 @@ def test_cli_prints_the_table_and_the_batch_split(tmp_path, capsys):
     assert "micro batch 8 x gradient accumulation 1 = effective batch 8" in capsys.readouterr().out
     with pytest.raises(ValueError, match="cannot be met"):
         main(["--model", str(tmp_path), "--budget", "0.01"])
+
+
+def test_chunked_loss_holds_one_chunk_of_logits():
+    whole, chunked, big = (
+        estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **dict(TINY, loss_chunk_size=c))
+        for c in (None, 5, 10_000)
+    )
+    # 2 rows x 15 scored positions at once, or 5 at a time; a chunk larger than the batch is the batch.
+    assert whole.logits == big.logits == 3 * 30 * 64 * 4
+    assert chunked.logits == 3 * 5 * 64 * 4
+    assert chunked.total == whole.total - 3 * 25 * 64 * 4
+    with pytest.raises(ValueError, match="loss_chunk_size=0: expected null"):
+        estimate_memory(tiny_llama_config(), **dict(TINY, loss_chunk_size=0))

@@ -27,6 +27,7 @@ from lightning_qlora.app.estimate_activations import (
 from lightning_qlora.app.estimate_shape import ModelShape, describe, load_config
 from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig
 from lightning_qlora.core.quantize import QuantConfig, parse_dtype, quantized_linear_bytes
+from lightning_qlora.tasks.chunked_loss import check_chunk_size
 
 MiB = 2**20
 GiB = 2**30
@@ -121,6 +122,7 @@ def estimate_memory(
     overhead_bytes: int | None = None,
     allocator: str = "glibc",
     low_memory: bool = True,
+    loss_chunk_size: int | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of a QLoRA training step, from the model config only.
 
@@ -143,6 +145,8 @@ def estimate_memory(
             keeps a step's freed activations resident; ``"returning"``: memory is reused as it is freed
             (GPU, or ``CPUOptions(mmap_threshold=65536)``). See ``estimate_activations``.
         low_memory: The model is quantized while loading (the default); ``False``: loaded in fp32 first.
+        loss_chunk_size: ``CausalLMModule(loss_chunk_size=...)``: the head and the loss run over this
+            many scored tokens at a time; ``None``: all at once.
 
     Returns:
         A :class:`MemoryEstimate`; ``.total`` is the predicted peak, ``.table()`` the breakdown.
@@ -204,14 +208,17 @@ def estimate_memory(
     kept = tokens * ((shape.n_layers + 1) * shape.hidden + 2 * shape.head_dim) * a
     # bitsandbytes dequantizes one weight at a time for its matmul.
     workspace = max((o * i for o, i, _ in shape.quantized), default=0) * a
+    check_chunk_size(loss_chunk_size)
     scored = batch_size * positions
+    # Chunked, only one chunk's logits exist at a time (recomputed in the backward).
+    at_once = scored if loss_chunk_size is None else min(scored, loss_chunk_size)
     # Forward keeps the log-softmax; its backward holds that, the incoming and the outgoing gradient,
     # all fp32 (16-bit logits are cast up first). The hidden states at scored positions are gathered.
-    logits = 3 * scored * shape.vocab * 4 + (scored * shape.vocab * a if a != 4 else 0)
+    logits = 3 * at_once * shape.vocab * 4 + (at_once * shape.vocab * a if a != 4 else 0)
     if allocator == "glibc":
         # Logits up to the mmap threshold sit on the heap and stay; larger ones are mapped while alive.
         # Either way they add to the heap at the loss backward, the step's peak.
-        where = "mapped" if scored * shape.vocab * 4 > _MMAP_THRESHOLD_MAX else "on the heap"
+        where = "mapped" if at_once * shape.vocab * 4 > _MMAP_THRESHOLD_MAX else "on the heap"
         activations = kept + workspace + heap_resident(per_layer, tokens, gradient_checkpointing)
         peak_at = "loss backward, on a heap holding a step's activations" + (
             " (recomputed)" if gradient_checkpointing else " and their gradients"
@@ -237,7 +244,8 @@ def estimate_memory(
         "activations": f"batch {batch_size} x seq {seq_len}, {str(dtype).removeprefix('torch.')}, checkpointing "
         + ("on" if gradient_checkpointing else "off")
         + f", {allocator} allocator",
-        "logits": f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'} of {scored:,} positions x {shape.vocab:,} vocab"
+        "logits": f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'} of {at_once:,} positions x {shape.vocab:,} vocab"
+        + (f" (chunks of {loss_chunk_size:,})" if at_once < scored else "")
         + (f", {logits_note}" if logits_note else "")
         if logits
         else "freed by then",

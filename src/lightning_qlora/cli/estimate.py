@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4, help="micro batch; with --budget, the effective batch")
     parser.add_argument("--seq-len", type=int, default=384, help="tokens per sequence (padded length)")
     parser.add_argument("--answer-tokens", type=int, help="scored positions per sequence (default: all)")
+    parser.add_argument(
+        "--loss-chunk-size", type=int, help="scored tokens per chunk of the loss (CausalLMModule(loss_chunk_size=...))"
+    )
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8"))
     parser.add_argument("--no-double-quant", action="store_true", help="keep fp32 4-bit block scales")
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=not args.no_gradient_checkpointing,
         compute_dtype=args.compute_dtype,
         answer_tokens=args.answer_tokens,
+        loss_chunk_size=args.loss_chunk_size,
         # fp32 compute is the CPU path, with glibc's heap; 16-bit compute runs on a GPU, whose caching
         # allocator reuses what it frees.
         allocator="glibc" if args.compute_dtype == "fp32" else "returning",

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_qlora.io.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
+from lightning_qlora.tasks.chunked_loss import check_chunk_size, chunked_token_nll, hidden_at_head, output_head
 from lightning_qlora.tasks.metrics import (
     TokenMetrics,
     answer_positions,
@@ -73,6 +74,8 @@ class CausalLMModule(L.LightningModule):
         low_memory: Quantize while loading ``model`` (a path), so the 16/32-bit model is never
             in host memory at once; needs QLoRAPlugin. ``"auto"`` does so unless the plugin needs
             the unquantized weights (``keep_high_precision``, LoftQ) or the model has no safetensors.
+        loss_chunk_size: Training loss over this many scored tokens at a time, so the full
+            logits never exist (``tasks.chunked_loss``); ``None`` (default): all at once.
     """
 
     def __init__(
@@ -84,12 +87,15 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
         low_memory: bool | str = "auto",
+        loss_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
         self.strict_loading = False
         check_optim_args(optimizer, lr, weight_decay, warmup_steps, min_lr_ratio)
         check_low_memory(low_memory)
+        check_chunk_size(loss_chunk_size)
+        self.loss_chunk_size = loss_chunk_size
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         self.model: nn.Module | None = model.train() if isinstance(model, nn.Module) else None
         self._model_name = None if isinstance(model, nn.Module) else str(model)
@@ -145,8 +151,16 @@ class CausalLMModule(L.LightningModule):
 
     def _loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL and scored tokens of a batch: ``_stats`` without the accuracy's argmax pass."""
-        logits, target, _ = self._forward_scored(batch)
-        return token_nll(logits, target)
+        if self.loss_chunk_size is None:
+            logits, target, _ = self._forward_scored(batch)
+            return token_nll(logits, target)
+        head = output_head(self.model)
+        with hidden_at_head(head) as seen:
+            _, target, _ = self._forward_scored(batch)  # the head saw zero positions
+        hidden = seen[-1]
+        if hidden.size(-2) == target.size(-1) + 1:  # a model without logits_to_keep: every position
+            hidden = hidden[..., :-1, :]
+        return chunked_token_nll(hidden, head, target, self.loss_chunk_size)
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
