@@ -55,10 +55,14 @@ def _gguf_dir() -> Path:
     return folder
 
 
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
 def default_model_dir() -> Path:
     """A transformers directory (safetensors + tokenizer) of the default model, converting it once."""
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,13 +85,13 @@ def default_model_dir() -> Path:
         tokenizer.save_pretrained(tmp)
         # Another process (a DDP rank, a second job) may have finished the same conversion meanwhile:
         # keep its copy, which someone may be reading, and drop ours.
-        if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        if not _converted(target):
             if target.exists():
                 shutil.rmtree(target)  # a partial copy from before atomic renames
             try:
                 tmp.rename(target)
             except OSError:
-                if not (target / "model.safetensors").is_file():
+                if not _converted(target):
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
