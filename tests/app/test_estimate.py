@@ -40,9 +40,12 @@ def test_without_checkpointing_every_layer_is_kept_and_the_head_matters():
     assert est.peak_at == "loss backward"
     # Kept + workspace + gathered hidden states (30 x 64 x 4) + 2 layers x 32 tokens x 6,904 B.
     assert est.activations == 28_672 + 32_768 + 7_680 + 441_856
-    assert est.logits == 23_040
+    # The default chunked loss: two fp32 buffers of 30 scored positions x 64 vocab (the whole loss: 3).
+    assert est.logits == 15_360
     answers = estimate_memory(tiny_llama_config(), gradient_checkpointing=False, answer_tokens=4, **TINY)
-    assert answers.logits == 3 * (2 * 4) * 64 * 4
+    assert answers.logits == 2 * (2 * 4) * 64 * 4
+    whole = estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **dict(TINY, loss_chunk_size=None))
+    assert whole.logits == 23_040
 
 
 def test_glibc_heap_keeps_a_steps_activations_and_their_gradients():
@@ -54,7 +57,7 @@ def test_glibc_heap_keeps_a_steps_activations_and_their_gradients():
     assert ckpt.activations == 28_672 + 32_768 + 32 * 2 * (2_584 + 2_048 + 64 + 224)
     assert full.activations == 28_672 + 32_768 + 32 * 2 * (6_904 + 4_608)
     # The logits count in both: on the heap they stay, mapped they are alive at the loss backward.
-    assert ckpt.logits == full.logits == 23_040
+    assert ckpt.logits == full.logits == 15_360
     assert ckpt.peak_at.startswith("loss backward")
     low = estimate_memory(tiny_llama_config(), **dict(kw, low_memory=True))
     assert low.setup_peak == low.base_weights + low.adapters + 3 * 128 * 64 * 4
@@ -142,13 +145,16 @@ def test_cli_prints_the_table_and_the_batch_split(tmp_path, capsys):
 
 
 def test_chunked_loss_holds_one_chunk_of_logits():
-    whole, chunked, big = (
+    whole, chunked, big, auto = (
         estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **dict(TINY, loss_chunk_size=c))
-        for c in (None, 5, 10_000)
+        for c in (None, 5, 10_000, "auto")
     )
-    # 2 rows x 15 scored positions at once, or 5 at a time; a chunk larger than the batch is the batch.
-    assert whole.logits == big.logits == 3 * 30 * 64 * 4
-    assert chunked.logits == 3 * 5 * 64 * 4
-    assert chunked.total == whole.total - 3 * 25 * 64 * 4
-    with pytest.raises(ValueError, match="loss_chunk_size=0: expected null"):
+    # 2 rows x 15 scored positions at once, 3 fp32 copies; chunked: two buffers of 5 positions; a chunk
+    # larger than the batch (auto's 1024 here) holds the batch.
+    assert whole.logits == 3 * 30 * 64 * 4
+    assert chunked.logits == 2 * 5 * 64 * 4
+    assert big.logits == auto.logits == 2 * 30 * 64 * 4
+    assert chunked.total == whole.total - (3 * 30 - 2 * 5) * 64 * 4
+    assert estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **TINY).total == auto.total  # default
+    with pytest.raises(ValueError, match="loss_chunk_size=0: expected auto"):
         estimate_memory(tiny_llama_config(), **dict(TINY, loss_chunk_size=0))

@@ -115,7 +115,9 @@ def main(out: Path, mode: str, resume: str | None, base: str | None) -> None:
     )
     # Each rank gets different batches (a different seed per rank), as a distributed sampler would give.
     batches = counting_batches(8, batch_size=4, seed=1 + trainer.global_rank)
-    module = CausalLMModule(base if lowmem else model, lr=1e-2, warmup_steps=0, low_memory=lowmem)
+    # The whole loss on both strategies: "auto" chunks it under DDP only, and chunks sum in another
+    # order, while the test compares DDP and FSDP bit for bit.
+    module = CausalLMModule(base if lowmem else model, lr=1e-2, warmup_steps=0, low_memory=lowmem, loss_chunk_size=None)
     val = loader(counting_batches(2, batch_size=4, seed=9)) if lowmem else None
     trainer.fit(module, loader(batches), val, ckpt_path=resume)
     torch.save(torch.get_rng_state(), out / f"rng_saved{trainer.global_rank}.pt")

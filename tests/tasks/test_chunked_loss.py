@@ -84,13 +84,13 @@ def test_the_full_logits_never_exist_forward_or_backward():
     # Whole: the head runs once over the positions scored in any row (15 - 4 = 11 per row, x 3).
     assert shapes[None] == [33]
     # Chunked: the model's own head call gets zero positions; then 26 scored tokens in chunks of 4,
-    # each computed in the forward and again in the backward.
-    assert sorted(shapes[4]) == sorted([0] + 2 * ([4] * 6 + [2]))
+    # each computed once: the backward recomputes nothing.
+    assert sorted(shapes[4]) == sorted([0] + [4] * 6 + [2])
 
 
 def test_bad_chunk_sizes_and_heads_are_refused():
     for bad in (0, -1, 2.5, True, "1024"):
-        with pytest.raises(ValueError, match=rf"loss_chunk_size={bad!r}: expected null"):
+        with pytest.raises(ValueError, match=rf"loss_chunk_size={bad!r}: expected auto"):
             CausalLMModule(_module(None, False).model, loss_chunk_size=bad)
     from transformers import LlamaForCausalLM
 
@@ -101,3 +101,46 @@ def test_bad_chunk_sizes_and_heads_are_refused():
     module = CausalLMModule(model, loss_chunk_size=8)
     with pytest.raises(ValueError, match="needs an unquantized Linear output head, but the model's is Linear4bit"):
         module._loss_sums(_batch())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_a_trained_head_with_bias_gets_the_plain_gradients(dtype, chunk):
+    from lightning_qlora.tasks.chunked_loss import chunked_token_nll
+    from lightning_qlora.tasks.metrics import token_nll
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=True).to(dtype)
+    hidden = torch.randn(2, 9, 16, dtype=dtype)
+    target = torch.randint(0, 40, (2, 9))
+    target[0, :3] = -100
+    results = []
+    for fused in (False, True):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_(True)
+        nll, count = chunked_token_nll(h, head, target, chunk) if fused else token_nll(head(h), target)
+        (nll / count).backward()
+        results.append((nll.detach().float(), int(count), h.grad, head.weight.grad, head.bias.grad))
+    (n1, c1, *g1), (n2, c2, *g2) = results
+    assert c1 == c2 == 15
+    tol = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(n2, n1, **tol)
+    for plain, fused in zip(g1, g2, strict=True):
+        assert fused.dtype == plain.dtype == dtype and plain.abs().sum() > 0
+        torch.testing.assert_close(fused, plain, **tol)
+
+
+def test_no_scored_token_and_no_grad_mode():
+    from lightning_qlora.tasks.chunked_loss import chunked_token_nll
+
+    head = torch.nn.Linear(8, 12, bias=False)
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    nll, count = chunked_token_nll(hidden, head, torch.full((1, 4), -100), 2)
+    assert float(nll) == 0.0 and int(count) == 0
+    nll.backward()
+    assert hidden.grad.abs().sum() == 0
+    with torch.no_grad():
+        nll, count = chunked_token_nll(hidden, head, torch.tensor([[1, 2, -100, 3]]), 2)
+    expected = torch.nn.functional.cross_entropy(head(hidden[0, [0, 1, 3]]), torch.tensor([1, 2, 3]), reduction="sum")
+    torch.testing.assert_close(nll, expected.detach()) and None
+    assert not nll.requires_grad and int(count) == 3

@@ -27,7 +27,7 @@ from lightning_qlora.app.estimate_activations import (
 from lightning_qlora.app.estimate_shape import ModelShape, describe, load_config
 from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig
 from lightning_qlora.core.quantize import QuantConfig, parse_dtype, quantized_linear_bytes
-from lightning_qlora.tasks.chunked_loss import check_chunk_size
+from lightning_qlora.tasks.chunked_loss import AUTO_CHUNK, check_chunk_size
 
 MiB = 2**20
 GiB = 2**30
@@ -122,7 +122,7 @@ def estimate_memory(
     overhead_bytes: int | None = None,
     allocator: str = "glibc",
     low_memory: bool = True,
-    loss_chunk_size: int | None = None,
+    loss_chunk_size: int | str | None = "auto",
 ) -> MemoryEstimate:
     """Predict the peak memory of a QLoRA training step, from the model config only.
 
@@ -146,7 +146,7 @@ def estimate_memory(
             (GPU, or ``CPUOptions(mmap_threshold=65536)``). See ``estimate_activations``.
         low_memory: The model is quantized while loading (the default); ``False``: loaded in fp32 first.
         loss_chunk_size: ``CausalLMModule(loss_chunk_size=...)``: the head and the loss run over this
-            many scored tokens at a time; ``None``: all at once.
+            many scored tokens at a time; ``None``: all at once; ``"auto"`` (the module's default): 1024.
 
     Returns:
         A :class:`MemoryEstimate`; ``.total`` is the predicted peak, ``.table()`` the breakdown.
@@ -209,12 +209,17 @@ def estimate_memory(
     # bitsandbytes dequantizes one weight at a time for its matmul.
     workspace = max((o * i for o, i, _ in shape.quantized), default=0) * a
     check_chunk_size(loss_chunk_size)
+    chunk = AUTO_CHUNK if loss_chunk_size == "auto" else loss_chunk_size
     scored = batch_size * positions
-    # Chunked, only one chunk's logits exist at a time (recomputed in the backward).
-    at_once = scored if loss_chunk_size is None else min(scored, loss_chunk_size)
-    # Forward keeps the log-softmax; its backward holds that, the incoming and the outgoing gradient,
-    # all fp32 (16-bit logits are cast up first). The hidden states at scored positions are gathered.
-    logits = 3 * at_once * shape.vocab * 4 + (at_once * shape.vocab * a if a != 4 else 0)
+    at_once = scored if chunk is None else min(scored, chunk)
+    if chunk is None:
+        # Forward keeps the log-softmax; its backward holds that, the incoming and the outgoing gradient,
+        # all fp32 (16-bit logits are cast up first). The hidden states at scored positions are gathered.
+        logits = 3 * at_once * shape.vocab * 4 + (at_once * shape.vocab * a if a != 4 else 0)
+    else:
+        # Two fp32 buffers for a chunk (logits, log-probabilities turned into their gradient in place);
+        # 16-bit: plus the head's 16-bit output and the gradient cast back for the matmul.
+        logits = 2 * at_once * shape.vocab * 4 + (2 * at_once * shape.vocab * a if a != 4 else 0)
     if allocator == "glibc":
         # Logits up to the mmap threshold sit on the heap and stay; larger ones are mapped while alive.
         # Either way they add to the heap at the loss backward, the step's peak.
@@ -244,8 +249,13 @@ def estimate_memory(
         "activations": f"batch {batch_size} x seq {seq_len}, {str(dtype).removeprefix('torch.')}, checkpointing "
         + ("on" if gradient_checkpointing else "off")
         + f", {allocator} allocator",
-        "logits": f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'} of {at_once:,} positions x {shape.vocab:,} vocab"
-        + (f" (chunks of {loss_chunk_size:,})" if at_once < scored else "")
+        "logits": (
+            f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'}"
+            if chunk is None
+            else f"2 fp32 buffers{'' if a == 4 else ' (+2 16-bit)'}"
+        )
+        + f" of {at_once:,} positions x {shape.vocab:,} vocab"
+        + (f" (chunks of {chunk:,})" if at_once < scored else "")
         + (f", {logits_note}" if logits_note else "")
         if logits
         else "freed by then",

@@ -15,6 +15,14 @@ import argparse
 from lightning_qlora import DEFAULT_MODEL
 
 
+def _chunk(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, none or a positive number of tokens")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-qlora estimate", description=__doc__.splitlines()[0].split(": ", 1)[1]
@@ -28,7 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=384, help="tokens per sequence (padded length)")
     parser.add_argument("--answer-tokens", type=int, help="scored positions per sequence (default: all)")
     parser.add_argument(
-        "--loss-chunk-size", type=int, help="scored tokens per chunk of the loss (CausalLMModule(loss_chunk_size=...))"
+        "--loss-chunk-size",
+        type=_chunk,
+        default="auto",
+        help="scored tokens per chunk of the loss, 'auto' (CausalLMModule's default) or 'none' (all at once)",
     )
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8"))

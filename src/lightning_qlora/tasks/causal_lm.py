@@ -12,7 +12,13 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_qlora.io.models import DEFAULT_MODEL, check_low_memory, load_model, low_memory_args
-from lightning_qlora.tasks.chunked_loss import check_chunk_size, chunked_token_nll, hidden_at_head, output_head
+from lightning_qlora.tasks.chunked_loss import (
+    check_chunk_size,
+    chunked_token_nll,
+    hidden_at_head,
+    output_head,
+    resolve_chunk_size,
+)
 from lightning_qlora.tasks.metrics import (
     TokenMetrics,
     answer_positions,
@@ -75,7 +81,8 @@ class CausalLMModule(L.LightningModule):
             in host memory at once; needs QLoRAPlugin. ``"auto"`` does so unless the plugin needs
             the unquantized weights (``keep_high_precision``, LoftQ) or the model has no safetensors.
         loss_chunk_size: Training loss over this many scored tokens at a time, so the full
-            logits never exist (``tasks.chunked_loss``); ``None`` (default): all at once.
+            logits never exist (``tasks.chunked_loss``); ``None``: all at once; ``"auto"``
+            (default): chunks of 1024 where the head allows it (a float Linear, not sharded).
     """
 
     def __init__(
@@ -87,7 +94,7 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         optimizer: str = "adamw",
         low_memory: bool | str = "auto",
-        loss_chunk_size: int | None = None,
+        loss_chunk_size: int | str | None = "auto",
     ) -> None:
         super().__init__()
         # Checkpoints hold only the adapters; QLoRAPlugin checks and loads them once they exist.
@@ -151,7 +158,8 @@ class CausalLMModule(L.LightningModule):
 
     def _loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL and scored tokens of a batch: ``_stats`` without the accuracy's argmax pass."""
-        if self.loss_chunk_size is None:
+        chunk = resolve_chunk_size(self.model, self.loss_chunk_size, sharded=self._sharded())
+        if chunk is None:
             logits, target, _ = self._forward_scored(batch)
             return token_nll(logits, target)
         head = output_head(self.model)
@@ -160,7 +168,13 @@ class CausalLMModule(L.LightningModule):
         hidden = seen[-1]
         if hidden.size(-2) == target.size(-1) + 1:  # a model without logits_to_keep: every position
             hidden = hidden[..., :-1, :]
-        return chunked_token_nll(hidden, head, target, self.loss_chunk_size)
+        return chunked_token_nll(hidden, head, target, chunk)
+
+    def _sharded(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        return isinstance(strategy, FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy)
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
