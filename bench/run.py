@@ -108,6 +108,9 @@ def run_speed(args: argparse.Namespace, model: str, device: str) -> dict[str, An
     common += ["--peer-gc", args.peer_gc, "--mmap-threshold", args.mmap_threshold]
     common += ["--reuse" if args.reuse else "--no-reuse"]
     common += ["--fast-dropout" if args.fast_dropout else "--no-fast-dropout"]
+    for flag in ("r", "dropout"):  # the matrix's cells set these (bench/matrix.py); unset: the worker's LORA
+        if getattr(args, flag, None) is not None:
+            common += [f"--{flag}", str(getattr(args, flag))]
     records: dict[str, list[dict]] = {"ours": [], "peer": []}
     errors: list[dict[str, Any]] = []
     start = loadavg()

@@ -256,6 +256,13 @@ def _model_vocab(path: str) -> int:
     return AutoConfig.from_pretrained(path).vocab_size
 
 
+def _lora(args: argparse.Namespace) -> dict[str, Any]:
+    """The bench's LoRA settings with --r/--dropout applied; alpha stays 2r on both sides."""
+    r = args.r if args.r is not None else LORA["r"]
+    dropout = args.dropout if args.dropout is not None else LORA["dropout"]
+    return {"r": r, "alpha": 2 * r, "dropout": dropout}
+
+
 def _threshold(args: argparse.Namespace) -> int | None:
     """The glibc mmap threshold to pin, from ``--mmap-threshold`` (None: leave glibc's dynamic one)."""
     return None if args.mmap_threshold in ("default", "glibc") else int(args.mmap_threshold)
@@ -366,7 +373,9 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
         # On CPU the module loads it in fp32 itself, as a user's run would.
         model = args.model
     # min_lr_ratio=1: a constant LR, like the peer's plain AdamW, so that the loss curves compare too.
-    module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0)
+    chunk = {"auto": "auto", "none": None}.get(args.loss_chunk, args.loss_chunk)
+    chunk = int(chunk) if isinstance(chunk, str) and chunk != "auto" else chunk
+    module = CausalLMModule(model, lr=LR, warmup_steps=0, min_lr_ratio=1.0, loss_chunk_size=chunk)
     # "default": the plugin's own CPU allocator policy; "glibc": none; a number: that threshold.
     kwargs = {} if args.mmap_threshold == "default" else {"mmap_threshold": _threshold(args)}
     # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.cpu.recompute), for an A/B;
@@ -376,7 +385,7 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         plugins=[plugin],
-        callbacks=[LoRAAdapters(**LORA, gradient_checkpointing=args.gc), Timer()],
+        callbacks=[LoRAAdapters(**_lora(args), gradient_checkpointing=args.gc), Timer()],
         max_steps=args.steps,
         logger=False,
         enable_checkpointing=False,
@@ -424,9 +433,9 @@ def speed_peer(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
         model, use_gradient_checkpointing=args.gc, gradient_checkpointing_kwargs=gc_kwargs
     )
     lora = LoraConfig(
-        r=LORA["r"],
-        lora_alpha=LORA["alpha"],
-        lora_dropout=LORA["dropout"],
+        r=_lora(args)["r"],
+        lora_alpha=_lora(args)["alpha"],
+        lora_dropout=_lora(args)["dropout"],
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
@@ -465,7 +474,7 @@ def speed_ours_loop(args: argparse.Namespace, batches: list[dict], log: StepLog)
     model = load_model(args.model)
     # release_memory=False: the loop measures the layers, as before prepare() learned the plugin's trim.
     cpu = CPUOptions(fast_dropout=args.fast_dropout, release_memory=False)
-    prepare(model, **LORA, gradient_checkpointing=args.gc, cpu=cpu, verbose=False)
+    prepare(model, **_lora(args), gradient_checkpointing=args.gc, cpu=cpu, verbose=False)
     module = CausalLMModule(model)  # for its loss path; puts the model in train mode
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     log.info["compute_dtype"] = "float32"
@@ -511,11 +520,13 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "gc": args.gc,
+        "lora": _lora(args),
         "peer_cpu_bf16": args.peer_cpu_bf16 if args.side == "peer" else None,
         "peer_gc": args.peer_gc if args.side == "peer" else None,
         "mmap_threshold": args.mmap_threshold,
         "reuse_recompute": args.reuse if args.side == "ours" else None,
         "fast_dropout": args.fast_dropout if args.side == "ours" else None,
+        "loss_chunk": args.loss_chunk if args.side == "ours" else None,
         "rss_imports_mib": round(rss_imports, 1),
         **log.result(model, args.batch * args.seq),
         "total_s": round(time.perf_counter() - START, 2),
@@ -688,6 +699,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " step, the peer leaves glibc as it is), 'glibc' (neither pins), or bytes to pin on both sides",
     )
     sp.add_argument("--loss", choices=("ours", "hf"), default="ours", help="ours-loop: which loss path")
+    sp.add_argument(
+        "--loss-chunk", default="auto", help="ours: CausalLMModule(loss_chunk_size=...): auto, none or tokens"
+    )
+    sp.add_argument("--r", type=int, help=f"LoRA rank on both sides (default {LORA['r']}; alpha = 2r)")
+    sp.add_argument("--dropout", type=float, help=f"LoRA dropout on both sides (default {LORA['dropout']})")
     sp.add_argument(
         "--reuse",
         action=argparse.BooleanOptionalAction,
