@@ -105,7 +105,7 @@ def child_train(
     checkpointing: bool,
     answer: int | None,
     steps: int,
-    loss_chunk: int | None = None,
+    loss_chunk: int | str | None = "auto",
 ) -> dict:
     """Fit ``steps`` steps through QLoRAPlugin + Trainer; RSS figures in MiB."""
     import lightning as L

@@ -88,20 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=RESULTS / "matrix.json")
+    parser.add_argument("--merge", action="store_true", help="keep --out's other cells; replace the ones run now")
     args = parser.parse_args(argv)
     from lightning_qlora.io.models import resolve_model_path
 
     model = resolve_model_path(args.model)
     start = loadavg()
     cells: dict[str, dict[str, Any]] = {}
+    commands = [shlex.join([sys.executable, *sys.argv])]
+    if args.merge and args.out.is_file():
+        before = json.loads(args.out.read_text())
+        cells, commands = before["results"], [*before.get("commands", [before["command"]]), *commands]
     for name in args.only or sorted(CELLS):
         print(f"cell {name}: checkpointing, dropout, batch, seq, r = {CELLS[name]}", flush=True)
         cells[name] = run_speed(cell_args(name, args), model, "cpu")
+    cells = dict(sorted(cells.items()))
     keys = ("median_step_s", "peak_rss_mib")
     worst = {key: max(cells, key=lambda c, k=key: cells[c]["ratio_ours_over_peer"][k]) for key in keys}
     result = {
         "case": "matrix",
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": commands[-1],
+        "commands": commands,
         "machine": machine_info(),
         "model": model,
         "settings": {"runs": args.runs, "steps": args.steps, "warmup": args.warmup, "threads": args.threads},

@@ -380,6 +380,7 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     kwargs = {} if args.mmap_threshold == "default" else {"mmap_threshold": _threshold(args)}
     # --no-reuse: stock bitsandbytes/PEFT layers in the recompute (lightning_qlora.cpu.recompute), for an A/B;
     # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.cpu.dropout's.
+    kwargs["release_memory"] = args.release
     plugin = QLoRAPlugin(cpu=CPUOptions(reuse_recompute=args.reuse, fast_dropout=args.fast_dropout, **kwargs))
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -701,6 +702,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.add_argument("--loss", choices=("ours", "hf"), default="ours", help="ours-loop: which loss path")
     sp.add_argument(
         "--loss-chunk", default="auto", help="ours: CausalLMModule(loss_chunk_size=...): auto, none or tokens"
+    )
+    sp.add_argument(
+        "--release", action=argparse.BooleanOptionalAction, default=True, help="ours: CPUOptions(release_memory=...)"
     )
     sp.add_argument("--r", type=int, help=f"LoRA rank on both sides (default {LORA['r']}; alpha = 2r)")
     sp.add_argument("--dropout", type=float, help=f"LoRA dropout on both sides (default {LORA['dropout']})")

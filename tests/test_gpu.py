@@ -446,3 +446,37 @@ def test_prepare_on_cpu_then_cuda_computes_in_16_bit():
         pytest.skip(f"{CPU_RUN}: forward and backward ran on CPU (fp32 compute, as it should be there)")
     wrong = {n: str(d) for n, d in dtypes.items() if d not in (torch.bfloat16, torch.float16)}
     assert not wrong, f"4-bit layers still compute in 32 bits on the GPU: {wrong}"
+
+
+def _memory_lever_step(offload: bool, chunk: int | str | None, seq: int) -> tuple[float, float]:
+    """One training step of a 1B-shaped QLoRA model at batch 1 x ``seq``; its loss and peak memory (MiB)."""
+    from lightning_qlora.core.adapters import AdapterConfig, add_adapters
+
+    shape = LLAMA_1B if ON_GPU else tiny_llama_config().to_dict()
+    model = random_llama(shape, DEVICE, _compute_dtype(), seed=0)
+    quantize_model(model, QuantConfig(compute_dtype=_compute_dtype()))
+    torch.manual_seed(1)
+    add_adapters(model, AdapterConfig(dropout=0.0, offload_activations=offload))
+    model.train()
+    module = CausalLMModule(model, loss_chunk_size=chunk)
+    vocab = model.config.vocab_size
+    batch = _to(_token_batches(1, vocab, seq if ON_GPU else 16, batch=1)[0])
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    nll, count = module._loss_sums(batch)
+    (nll / count).backward()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if ON_GPU else 0.0
+    return float(nll / count), peak
+
+
+def test_memory_levers_on_the_device(record_property):
+    """Activation offloading and the chunked loss: the same loss as without, less device memory."""
+    seq = 4096
+    plain_loss, plain = _memory_lever_step(False, None, seq)
+    off_loss, offloaded = _memory_lever_step(True, None, seq)
+    chunk_loss, chunked = _memory_lever_step(False, "auto", seq)
+    record_property("peak_mib_plain_offload_chunked", [round(plain), round(offloaded), round(chunked)])
+    assert off_loss == pytest.approx(plain_loss, rel=1e-3) and chunk_loss == pytest.approx(plain_loss, rel=1e-3)
+    if ON_GPU:
+        assert offloaded < plain and chunked < plain, (plain, offloaded, chunked)

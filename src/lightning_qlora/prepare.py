@@ -32,7 +32,7 @@ def prepare(
     compute_dtype: str | torch.dtype = "auto",
     quant_storage: str | torch.dtype = "uint8",
     skip_modules: Sequence[str] = (),
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | int = True,
     device: torch.device | str | None = None,
     cpu: CPUOptions | None = None,
     verbose: bool = True,

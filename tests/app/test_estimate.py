@@ -158,3 +158,15 @@ def test_chunked_loss_holds_one_chunk_of_logits():
     assert estimate_memory(tiny_llama_config(), gradient_checkpointing=False, **TINY).total == auto.total  # default
     with pytest.raises(ValueError, match="loss_chunk_size=0: expected auto"):
         estimate_memory(tiny_llama_config(), **dict(TINY, loss_chunk_size=0))
+
+
+def test_selective_checkpointing_counts_each_layer_as_it_runs():
+    kw = dict(TINY, allocator="glibc")
+    every2 = estimate_memory(tiny_llama_config(), gradient_checkpointing=2, **kw)
+    # Layer 0 is checkpointed (recomputed tensors, 1-bit masks: 4,920 B a token), layer 1 keeps its
+    # forward's tensors and gradients (11,512 B a token), as in the all-or-nothing test above.
+    assert every2.activations == 28_672 + 32_768 + 32 * (4_920 + 11_512)
+    assert "every 2 layers" in every2.notes["activations"]
+    four = tiny_llama_config(num_hidden_layers=4)
+    totals = [estimate_memory(four, gradient_checkpointing=g, **kw).total for g in (True, 2, 4, False)]
+    assert totals == sorted(totals) and len(set(totals)) == 4  # fewer checkpointed layers, more memory

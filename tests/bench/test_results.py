@@ -44,3 +44,21 @@ def test_both_sides_start_at_the_quoted_loss(name):
     assert abs(ours - peer) <= FIRST_LOSS_TOLERANCE
     recorded = json.loads((RESULTS / name).read_text())["first_loss_abs_diff"]
     assert recorded == pytest.approx(abs(ours - peer), abs=1e-12)
+
+
+def test_matrix_cells_start_at_the_same_loss_and_the_readme_quotes_the_worst_cell():
+    data = json.loads((RESULTS / "matrix.json").read_text())
+    cells = data["results"]
+    assert sorted(cells) == list("ABCDEF")
+    for name, cell in cells.items():
+        ours, peer = cell["records"]["ours"], cell["records"]["peer"]
+        assert len(ours) == len(peer) >= 3, name
+        for o, p in zip(ours, peer, strict=True):
+            assert abs(o["losses"][0] - p["losses"][0]) <= FIRST_LOSS_TOLERANCE, name
+    # The README's headline is the matrix's worst cell, in step time and in peak RSS.
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    for key, label in (("median_step_s", "step"), ("peak_rss_mib", "peak RSS")):
+        worst = max(cells, key=lambda c, k=key: cells[c]["ratio_ours_over_peer"][k])
+        assert data["worst"][key]["cell"] == worst
+        quoted = f"{label} {cells[worst]['ratio_ours_over_peer'][key]:.2f}x (cell {worst})"
+        assert quoted in readme, quoted

@@ -41,7 +41,7 @@ def test_wrong_types_are_named():
     assert problems == [
         "adapter.r='sixteen' should be a positive integer, e.g. 16",
         "trainer.devices=0 should be an integer >= 1, or auto",
-        "data.packing='maybe' should be true or false",
+        "data.packing='maybe' should be true, false or padding_free",
     ]
 
 

@@ -27,16 +27,16 @@ def test_peft_dispatches_its_bnb_aware_layer(tiny_llama):
     assert isinstance(tiny_llama.model.layers[0].self_attn.q_proj, LoraLinear4bit)
 
 
-def _lora_b_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+def _lora_b_grads(checkpointing: bool | int, layers: int = 2, offload: bool = False) -> dict[str, torch.Tensor]:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=layers))
     quantize_model(model)
     torch.manual_seed(1)  # the same LoRA A init on both sides
-    add_adapters(model, AdapterConfig(gradient_checkpointing=checkpointing, dropout=0.0))
+    add_adapters(model, AdapterConfig(gradient_checkpointing=checkpointing, dropout=0.0, offload_activations=offload))
     flag = getattr(model, "is_activation_checkpointing", None)
-    assert (flag if flag is not None else model.is_gradient_checkpointing) == checkpointing
+    assert (flag if flag is not None else model.is_gradient_checkpointing) == bool(checkpointing)
     model.train()
     batch = counting_batches(1)[0]
     model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
@@ -51,6 +51,56 @@ def test_gradient_checkpointing_with_frozen_base_gives_adapter_grads():
     for name, grad in plain.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_every_kth_layer_checkpointing_gives_the_plain_gradients_and_recomputes_only_those_layers():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from lightning_qlora.core.adapters import checkpoint_every
+
+    plain, every = _lora_b_grads(False, layers=5), _lora_b_grads(2, layers=5)
+    assert every.keys() == plain.keys() and len(plain) == 35
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(every[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=5))
+    add_adapters(model, AdapterConfig(gradient_checkpointing=2))
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True, False, True]
+    calls = []
+    for index, layer in enumerate(layers):  # transformers checkpoints forward, not the layer's hooks
+        layer.self_attn.register_forward_pre_hook(lambda m, a, i=index: calls.append(i))
+    model.train()
+    batch = counting_batches(1)[0]
+    model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.backward()
+    # Five forwards, then the backward recomputes layers 4, 2 and 0 only.
+    assert calls == [0, 1, 2, 3, 4, 4, 2, 0]
+    assert [checkpoint_every(v) for v in (False, True, 1, 3)] == [0, 1, 1, 3]
+
+
+def test_offloaded_activations_give_the_same_gradients(caplog):
+    # On a CPU the offload is a host-to-host copy: the same code path as on a GPU, minus the device.
+    # Every saved tensor of each checkpointed layer goes through the pack and unpack hooks.
+    packed = []
+    real = torch.autograd.graph.save_on_cpu.__init__
+
+    def counting(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        pack = self.pack_hook
+        self.pack_hook = lambda t: packed.append(t.shape) or pack(t)
+
+    plain = _lora_b_grads(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.autograd.graph.save_on_cpu, "__init__", counting)
+        offloaded = _lora_b_grads(True, offload=True)
+    assert len(packed) >= 2 and "already in host memory" in caplog.text
+    for name, grad in plain.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(offloaded[name], grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="offload_activations=True needs gradient_checkpointing"):
+        AdapterConfig(gradient_checkpointing=False, offload_activations=True)
 
 
 def test_norms_are_kept_in_fp32(tiny_llama):
@@ -100,6 +150,8 @@ def test_classification_head_trains_fully():
         ({"alpha": -1}, "alpha should be a positive number"),
         ({"dropout": 1.0}, r"dropout should be in \[0, 1\)"),
         ({"target_modules": []}, "target_modules is empty"),
+        ({"gradient_checkpointing": 0}, "gradient_checkpointing should be true, false or k"),
+        ({"gradient_checkpointing": "2"}, "gradient_checkpointing should be true, false or k"),
     ],
 )
 def test_bad_adapter_config(kwargs, message):

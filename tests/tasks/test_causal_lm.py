@@ -104,3 +104,50 @@ def test_option_scores_match_scoring_each_option_from_scratch(tiny_llama):
             logp = tiny_llama(torch.cat([prompt, torch.tensor([option])], 1)).logits[0].log_softmax(-1)
             expected.append(sum(logp[6 + j, t] for j, t in enumerate(option)) / len(option))
     torch.testing.assert_close(cached, torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompted", [True, False], ids=["answer-only", "every-token"])
+def test_padding_free_batch_trains_like_the_padded_one(prompted):
+    """One row, no padding, no mask tensor: the padded batch's loss and LoRA gradients (sdpa)."""
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.core.adapters import AdapterConfig, add_adapters
+    from lightning_qlora.tasks.data import collate
+    from lightning_qlora.tasks.data.datamodule import collate_padding_free
+    from lightning_qlora.tasks.data.formatting import Encoded
+    from tests.conftest import tiny_llama_config
+
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in ((9, 3), (6, 2), (12, 5)):
+        ids = torch.randint(0, 64, (n,), generator=g).tolist()
+        examples.append(Encoded(ids, [-100] * (prompt if prompted else 0) + ids[prompt if prompted else 0 :], False))
+    results = {}
+    for name, batch in (("padded", collate(examples, pad_id=0)), ("free", collate_padding_free(examples))):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        assert model.config._attn_implementation == "sdpa"
+        add_adapters(model, AdapterConfig(r=4, alpha=8, dropout=0.0))
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(pname)))
+        nll, count = CausalLMModule(model)._loss_sums(batch)
+        (nll / count).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = (nll.detach(), int(count), grads, batch)
+    (nll_p, n_p, g_p, padded), (nll_f, n_f, g_f, free) = results["padded"], results["free"]
+    assert free["input_ids"].shape == (1, 27) and padded["input_ids"].shape == (3, 12)
+    assert "attention_mask" not in free and free["position_ids"][0].tolist()[9:15] == list(range(6))
+    # Every token after each example's first is scored, or the answers only; never across examples.
+    assert n_f == n_p == ((6 + 4 + 7) if prompted else (8 + 5 + 11))
+    torch.testing.assert_close(nll_f, nll_p, rtol=1e-5, atol=1e-4)
+    for name in g_p:
+        assert g_p[name].abs().sum() > 0, name
+        assert (g_f[name] - g_p[name]).abs().max() <= 1e-4 * g_p[name].abs().max(), name
+
+
+def test_an_unknown_packing_value_is_refused():
+    from lightning_qlora.tasks.data.datamodule import PromptAnswerDataModule
+
+    with pytest.raises(ValueError, match="packing='yes': expected true, false or padding_free"):
+        PromptAnswerDataModule(None, {"train": [{}], "validation": [{}]}, to_pair=lambda r: ("", ""), packing="yes")

@@ -144,3 +144,24 @@ def test_no_scored_token_and_no_grad_mode():
     expected = torch.nn.functional.cross_entropy(head(hidden[0, [0, 1, 3]]), torch.tensor([1, 2, 3]), reduction="sum")
     torch.testing.assert_close(nll, expected.detach()) and None
     assert not nll.requires_grad and int(count) == 3
+
+
+def test_auto_chunks_where_it_can_and_falls_back_to_the_whole_loss_elsewhere():
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.tasks.chunked_loss import AUTO_CHUNK, resolve_chunk_size
+    from lightning_qlora.tasks.metrics import token_nll
+
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB))
+    assert CausalLMModule(model).loss_chunk_size == "auto"  # the default
+    assert resolve_chunk_size(model, "auto") == AUTO_CHUNK
+    assert resolve_chunk_size(model, "auto", sharded=True) is None  # FSDP: the head's weight is a shard
+    assert resolve_chunk_size(model, None) is None and resolve_chunk_size(model, 8) == 8
+    holder = torch.nn.Sequential(torch.nn.Linear(64, VOCAB, bias=False))
+    quantize_model(holder, QuantConfig())
+    model.lm_head = holder[0]
+    assert resolve_chunk_size(model, "auto") is None  # a 4-bit head: the whole loss, no error
+    module = CausalLMModule(model)
+    nll, count = module._loss_sums(_batch())
+    logits, target, _ = module._forward_scored(_batch())
+    assert int(count) == 26 and torch.equal(nll, token_nll(logits, target)[0])

@@ -102,6 +102,7 @@ def build_plugin(cfg: DictConfig) -> QLoRAPlugin:
         a.use_dora,
         a.use_rslora,
         a.init,
+        a.get("offload_activations", False),
     )
     kwargs = dict(
         quant_type=q.type,

@@ -103,7 +103,7 @@ class DataConfig(Checked):
     batch_size: int
     val_fraction: float
     system: str | None
-    packing: bool
+    packing: bool | str
     # Newer keys have defaults: a config saved by an older release still composes.
     test_fraction: float = 0.0
     text_field: str | None = None
@@ -116,7 +116,7 @@ class DataConfig(Checked):
         Check("max_length", is_int(16), "an integer >= 16 (tokens)"),
         Check("val_fraction", is_number(0, strict=True, high=1), "in (0, 1)", "0.2"),
         Check("test_fraction", is_number(0, high=1), "in [0, 1)", "0.1"),
-        Check("packing", is_bool, "true or false"),
+        Check("packing", lambda v: is_bool(v) or v == "padding_free", "true, false or padding_free"),
         Check("text_field", _is_name, "null or a column name"),
         Check("label_field", _is_name, "null or a column name"),
         Check("label_names", _are_names, "null or a list of at least 2 distinct class names", "[negative, positive]"),

@@ -25,7 +25,7 @@ from lightning_qlora.app.estimate_activations import (
     layer_saved_per_token,
 )
 from lightning_qlora.app.estimate_shape import ModelShape, describe, load_config
-from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig
+from lightning_qlora.core.adapters import ALL_LINEAR, AdapterConfig, checkpoint_every
 from lightning_qlora.core.quantize import QuantConfig, parse_dtype, quantized_linear_bytes
 from lightning_qlora.tasks.chunked_loss import AUTO_CHUNK, check_chunk_size
 
@@ -115,7 +115,7 @@ def estimate_memory(
     lora_dropout: float = 0.05,
     batch_size: int,
     seq_len: int,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | int = True,
     compute_dtype: str | torch.dtype = torch.float32,
     optimizer: str = "adamw",
     answer_tokens: int | None = None,
@@ -135,7 +135,8 @@ def estimate_memory(
         lora_dropout: LoRA dropout; above 0 every adapter keeps a mask and a dropped copy of its input.
         batch_size: Micro batch (sequences per forward).
         seq_len: Tokens per sequence (padded length).
-        gradient_checkpointing: Keep only each layer's input and recompute the rest in backward.
+        gradient_checkpointing: Keep only each layer's input and recompute the rest in backward;
+            ``k``: every k-th layer only, as ``AdapterConfig``.
         compute_dtype: Activation dtype: fp32 on CPU, bf16/fp16 on GPU.
         optimizer: ``"adamw"`` or ``"paged_adamw_8bit"``.
         answer_tokens: Positions per sequence that go through the head (the scored answer);
@@ -193,12 +194,15 @@ def estimate_memory(
         shape.kv_heads * shape.head_dim,
         shape.heads,
     )
+    every = checkpoint_every(gradient_checkpointing)
+    checkpointed = [every > 0 and k % every == 0 for k in range(shape.n_layers)]
     # Inside checkpointed blocks the CPU fast path keeps dropout masks at one bit per element.
-    packed = gradient_checkpointing and allocator == "glibc"
     per_layer = [
         (
             layer_saved_per_token(dims, per_layer_adapters[k], r, lora_dropout, a),
-            layer_saved_per_token(dims, per_layer_adapters[k], r, lora_dropout, a, packed_masks=packed),
+            layer_saved_per_token(
+                dims, per_layer_adapters[k], r, lora_dropout, a, packed_masks=checkpointed[k] and allocator == "glibc"
+            ),
             layer_grads_per_token(dims, per_layer_adapters[k], a),
         )
         for k in range(shape.n_layers)
@@ -224,18 +228,20 @@ def estimate_memory(
         # Logits up to the mmap threshold sit on the heap and stay; larger ones are mapped while alive.
         # Either way they add to the heap at the loss backward, the step's peak.
         where = "mapped" if at_once * shape.vocab * 4 > _MMAP_THRESHOLD_MAX else "on the heap"
-        activations = kept + workspace + heap_resident(per_layer, tokens, gradient_checkpointing)
+        activations = kept + workspace + heap_resident(per_layer, tokens, checkpointed)
         peak_at = "loss backward, on a heap holding a step's activations" + (
-            " (recomputed)" if gradient_checkpointing else " and their gradients"
+            " (recomputed)" if all(checkpointed) else " and their gradients"
         )
         logits_note = f"logits {where}"
     else:
+        # Layers outside checkpointing keep their saved tensors until the backward reaches them.
+        kept += tokens * sum(f for f, c in zip(layers, checkpointed, strict=True) if not c)
         at_loss = kept + workspace + scored * shape.hidden * a
-        at_loss += 0 if gradient_checkpointing else tokens * sum(layers)
         peak_at, activations, logits_note = "loss backward", at_loss, ""
-        if gradient_checkpointing:
+        if any(checkpointed):
             # Backward recomputes one layer at a time; the gradients flowing through it are transient.
-            recompute = kept + workspace + tokens * (max(layers) + (2 * shape.intermediate + 2 * shape.hidden) * a)
+            widest = max(f for f, c in zip(layers, checkpointed, strict=True) if c)
+            recompute = kept + workspace + tokens * (widest + (2 * shape.intermediate + 2 * shape.hidden) * a)
             if recompute > at_loss + logits:
                 peak_at, activations, logits = "recompute of one checkpointed layer", recompute, 0
     n_quantized = sum(o * i for o, i, _ in shape.quantized)
@@ -247,7 +253,7 @@ def estimate_memory(
         "adapters": f"{trainable / 1e6:.2f}M trainable fp32 (r={r}, {len(shape.lora)} layers)",
         "optimizer": optimizer,
         "activations": f"batch {batch_size} x seq {seq_len}, {str(dtype).removeprefix('torch.')}, checkpointing "
-        + ("on" if gradient_checkpointing else "off")
+        + ("on" if every == 1 else "off" if every == 0 else f"every {every} layers")
         + f", {allocator} allocator",
         "logits": (
             f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'}"

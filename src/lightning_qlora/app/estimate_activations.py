@@ -71,18 +71,20 @@ def layer_grads_per_token(dims: tuple[int, int, int, int, int], adapters: Sequen
     return (_core_widths(h, i, q, kv) + sum(width for _, width in adapters)) * a
 
 
-def heap_resident(per_layer: Sequence[tuple[float, float, float]], tokens: int, checkpointing: bool) -> float:
+def heap_resident(
+    per_layer: Sequence[tuple[float, float, float]], tokens: int, checkpointing: bool | Sequence[bool]
+) -> float:
     """Activation bytes glibc's default heap holds at a step's peak (layer inputs and logits excluded).
 
     Args:
         per_layer: ``(saved with float masks, saved as recomputed, gradients)`` per token, per layer.
         tokens: Tokens in the micro batch.
-        checkpointing: Gradient checkpointing (each layer recomputed in the backward).
+        checkpointing: Gradient checkpointing, for every layer or per layer (selective).
     """
-    if checkpointing:
-        # Each layer's recompute lands on fresh heap; its gradients reuse what the recompute of the
-        # same layer freed, but the next layer's recompute does not, so all layers' stay resident.
-        return tokens * sum(s for _, s, _ in per_layer)
-    # The forward's saved tensors are on the heap; the backward's gradients do not fit in what
-    # each layer frees (freed one tensor at a time, in another order), so they stay resident too.
-    return tokens * sum(f + g for f, _, g in per_layer)
+    if isinstance(checkpointing, bool):
+        checkpointing = [checkpointing] * len(per_layer)
+    # A checkpointed layer's recompute lands on fresh heap; its gradients reuse what the recompute of
+    # the same layer freed, but the next layer's recompute does not, so all layers' stay resident.
+    # Elsewhere the forward's saved tensors are on the heap; the backward's gradients do not fit in
+    # what each layer frees (freed one tensor at a time, in another order), so they stay too.
+    return tokens * sum(s if c else f + g for (f, s, g), c in zip(per_layer, checkpointing, strict=True))

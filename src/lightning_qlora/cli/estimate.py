@@ -23,6 +23,12 @@ def _chunk(text: str) -> int | str | None:
     return int(text)
 
 
+def _checkpointing(args: argparse.Namespace) -> bool | int:
+    if args.no_gradient_checkpointing:
+        return False
+    return True if args.checkpoint_every is None else args.checkpoint_every
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-qlora estimate", description=__doc__.splitlines()[0].split(": ", 1)[1]
@@ -45,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant", default="nf4", choices=("nf4", "fp4", "int8"))
     parser.add_argument("--no-double-quant", action="store_true", help="keep fp32 4-bit block scales")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--checkpoint-every", type=int, metavar="K", help="checkpoint every K-th layer only (gradient_checkpointing=K)"
+    )
     parser.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--budget", type=float, metavar="GiB", help="memory budget: print the micro batch that fits")
     return parser
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         quant_type=args.quant,
         double_quant=not args.no_double_quant,
         r=args.r,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
+        gradient_checkpointing=_checkpointing(args),
         compute_dtype=args.compute_dtype,
         answer_tokens=args.answer_tokens,
         loss_chunk_size=args.loss_chunk_size,

@@ -5,6 +5,7 @@ Works on any ``nn.Module`` (quantized or not), with or without Lightning.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -44,11 +45,16 @@ class AdapterConfig(Checked):
             a list of module names (matched as name suffixes), or a regex matched against full names.
         modules_to_save: Modules trained fully and saved with the adapter, e.g. ``["score"]``
             for a classification head.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute activations in backward to save memory: ``True`` (every
+            decoder layer), ``False``, or ``k``: every k-th layer (0, k, 2k, ...), the others keep
+            their activations (selective checkpointing, as torchtune's ``ac_option``).
         use_dora: DoRA (Liu et al. 2024): learn a per-output magnitude on top of the LoRA direction.
         use_rslora: rank-stabilized LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         init: ``"default"`` (B = 0: the model starts as the quantized base) or ``"loftq"`` (the
             adapters start at the rank-r SVD of the quantization error; 4-bit types only).
+        offload_activations: Hold what checkpointing keeps (each checkpointed layer's input) in
+            host memory during the forward (transformers' ``offload``). Saves accelerator memory;
+            on a CPU the activations are already in host memory and it only adds a copy.
     """
 
     r: int = 16
@@ -56,10 +62,11 @@ class AdapterConfig(Checked):
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = ALL_LINEAR
     modules_to_save: tuple[str, ...] = field(default_factory=tuple)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int = True
     use_dora: bool = False
     use_rslora: bool = False
     init: str = "default"
+    offload_activations: bool = False
 
     # The rules, here only: the constructor raises on them, and the run config check
     # (app/config.py) reports them under the adapter.* keys.
@@ -73,10 +80,21 @@ class AdapterConfig(Checked):
             f"{ALL_LINEAR!r}, a list of layer names or a regex",
             python=f"{{name}} is empty; use {ALL_LINEAR!r} or a list such as ['q_proj', 'v_proj'].",
         ),
-        Check("gradient_checkpointing", is_bool, "true or false"),
+        Check(
+            "gradient_checkpointing",
+            lambda v: is_bool(v) or is_int(1)(v),
+            "true, false or k (every k-th layer, an integer >= 1)",
+        ),
         Check("use_dora", is_bool, "true or false"),
         Check("use_rslora", is_bool, "true or false"),
         one_of("init", INITS),
+        Check("offload_activations", is_bool, "true or false"),
+        Combo(
+            ("offload_activations", "gradient_checkpointing"),
+            lambda offload, gc: not (offload is True and gc is False),
+            config="{offload_activations}=true needs {gradient_checkpointing} (it offloads what checkpointing keeps)",
+            python="{offload_activations}=True needs {gradient_checkpointing}; it offloads what checkpointing keeps.",
+        ),
         Combo(
             ("init", "use_dora"),
             lambda init, dora: not (init == "loftq" and dora),
@@ -169,7 +187,51 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return chosen
 
 
-def _prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) -> None:
+def checkpoint_every(gradient_checkpointing: bool | int) -> int:
+    """``gradient_checkpointing`` as a stride: 0 (off), 1 (every layer) or k (every k-th layer)."""
+    if isinstance(gradient_checkpointing, bool):
+        return int(gradient_checkpointing)
+    return gradient_checkpointing
+
+
+def _select_checkpointed_layers(model: nn.Module, every: int) -> None:
+    """Keep checkpointing on decoder layers 0, k, 2k, ... only; the others keep their activations."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+
+
+def _offload_checkpoint_inputs(model: nn.Module) -> None:
+    """Run each checkpointed layer under ``save_on_cpu``: what the checkpoint keeps waits in host memory.
+
+    Pinned where an accelerator exists; on a CPU the hooks hand the tensors back as they are.
+    """
+    import torch
+    from torch.autograd.graph import save_on_cpu
+
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        log.warning("offload_activations on a CPU model: the activations are already in host memory; it saves nothing.")
+    accelerator = getattr(torch, "accelerator", None)
+    device = accelerator.current_accelerator() if accelerator is not None else None
+    device_type = device.type if device is not None else "cuda"
+    pin = device is not None or torch.cuda.is_available()
+
+    def wrap(func: Any) -> Any:
+        def offloaded(*args: Any, **kwargs: Any) -> Any:
+            with save_on_cpu(pin_memory=pin, device_type=device_type):
+                return func(*args, **kwargs)
+
+        return offloaded
+
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = wrap(func)
+
+
+def _prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool | int, offload: bool = False) -> None:
     """Freeze the base, keep norms in fp32, and make checkpointing work with a frozen base."""
     for param in model.parameters():
         param.requires_grad_(False)
@@ -188,13 +250,19 @@ def _prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) -
             type(model).__name__,
         )
         return
-    # Non-reentrant checkpointing handles frozen inputs and kwargs; transformers 5
-    # renamed the method, so use whichever this version has.
+    # Non-reentrant checkpointing handles frozen inputs and kwargs; transformers 5 renamed the
+    # method and learned a stride and offloading, so use what this version has.
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    every = checkpoint_every(gradient_checkpointing)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        (enable or model.gradient_checkpointing_enable)(kwargs)
+        if every > 1:
+            _select_checkpointed_layers(model, every)
+    if offload:
+        _offload_checkpoint_inputs(model)
     # With every base weight frozen, nothing upstream requires grad; without this the
     # checkpointed blocks get inputs that don't require grad (peft #742).
     model.enable_input_require_grads()
@@ -248,7 +316,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig | None = None):
         use_dora=config.use_dora,
         use_rslora=config.use_rslora,
     )
-    _prepare_for_kbit_training(model, config.gradient_checkpointing)
+    _prepare_for_kbit_training(model, config.gradient_checkpointing, config.offload_activations)
     with warnings.catch_warnings():
         # PEFT still asks transformers 5 the deprecated `is_gradient_checkpointing`.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -289,7 +357,7 @@ def load_adapters(model: nn.Module, directory: str, trainable: bool = False, gra
     if getattr(model, "peft_config", None):
         raise ValueError(f"{type(model).__name__} already has LoRA adapters; load the adapter into a fresh base.")
     peft_config = PeftConfig.from_pretrained(directory)
-    _prepare_for_kbit_training(model, gradient_checkpointing and trainable)
+    _prepare_for_kbit_training(model, gradient_checkpointing if trainable else False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(model, directory, is_trainable=trainable)

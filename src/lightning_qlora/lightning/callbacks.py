@@ -38,12 +38,14 @@ class LoRAAdapters(Callback):
         dropout: Dropout on the adapter input.
         target_modules: ``"all-linear"``, a list of module names, or a regex on full names.
         modules_to_save: Modules to train fully and save with the adapter (e.g. ``["score"]``).
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute activations in backward to save memory; ``k``: every
+            k-th decoder layer only (see ``AdapterConfig``).
         export_dir: If set, the adapter is written there in PEFT format at the end of training
             (``on_train_end``), replacing the directory whole (see :func:`replacing_dir`).
         use_dora: DoRA: a learned per-output magnitude on top of the LoRA direction.
         use_rslora: Rank-stabilized scaling ``alpha / sqrt(r)``.
         init: ``"default"`` (B = 0) or ``"loftq"`` (start at the SVD of the quantization error).
+        offload_activations: Hold checkpointed layers' inputs in host memory (accelerators only).
         load_from: A saved PEFT adapter directory to start from (to evaluate it, or train on);
             its own config then replaces ``r``, ``alpha``, ``dropout`` and the targets.
     """
@@ -55,12 +57,13 @@ class LoRAAdapters(Callback):
         dropout: float = 0.05,
         target_modules: str | Sequence[str] = ALL_LINEAR,
         modules_to_save: Sequence[str] = (),
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | int = True,
         export_dir: str | os.PathLike | None = None,
         load_from: str | os.PathLike | None = None,
         use_dora: bool = False,
         use_rslora: bool = False,
         init: str = "default",
+        offload_activations: bool = False,
     ) -> None:
         self.config = AdapterConfig(
             r,
@@ -72,6 +75,7 @@ class LoRAAdapters(Callback):
             use_dora,
             use_rslora,
             init,
+            offload_activations,
         )
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.load_from = str(check_adapter_dir(load_from)) if load_from is not None else None

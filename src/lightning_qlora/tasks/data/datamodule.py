@@ -42,6 +42,27 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def collate_padding_free(batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """The batch's examples end to end in one row, without padding or an attention mask.
+
+    Position ids restart at each example; from them transformers derives the block-diagonal
+    causal mask (sdpa, eager) or runs variable-length attention (flash-attention). An example's
+    first token is never scored from the one before it.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for e in batch:
+        ids += e.input_ids
+        labels += [IGNORE_INDEX, *e.labels[1:]]
+        positions += range(len(e.input_ids))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
 def _packed_mask_and_positions(batch: Sequence[Encoded], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A (batch, 1, width, width) block-diagonal causal mask and per-example position ids."""
     doc = torch.full((len(batch), width), -1, dtype=torch.long)  # padding: one block of its own
@@ -83,6 +104,9 @@ class _TokenizedDataModule(L.LightningDataModule):
     def _collate(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _collate_train(self, batch: list[Any]) -> dict[str, torch.Tensor]:
+        return self._collate(batch)
+
     def setup(self, stage: str | None = None) -> None:
         from tqdm.auto import tqdm
 
@@ -108,11 +132,11 @@ class _TokenizedDataModule(L.LightningDataModule):
             self.encoded[split] = out
 
     def _loader(self, split: str, sampler: ResumableSampler | None = None) -> DataLoader:
+        collate_fn = self._collate_train if split == "train" else self._collate
         if sampler is not None:
-            return ResumableLoader(
-                self.encoded[split], batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate
-            )
-        return DataLoader(self.encoded[split], batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)
+            data = self.encoded[split]
+            return ResumableLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_fn)
+        return DataLoader(self.encoded[split], batch_size=self.batch_size, sampler=sampler, collate_fn=collate_fn)
 
     def train_dataloader(self) -> DataLoader:
         data = self.encoded["train"]
@@ -154,8 +178,10 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         choices: Optional: a row's answer options, scored by likelihood in validation and test.
         choice_scoring: ``"first_token"`` or ``"sequence"`` (mean log-likelihood of each option).
         label: Optional, with ``choices``: the index of a row's right option.
-        packing: Pack training examples into rows of ``max_length`` tokens (less padding, fewer
-            steps per epoch); each example still sees only itself (block-diagonal attention).
+        packing: ``True``: pack training examples into rows of ``max_length`` tokens (less padding,
+            fewer steps per epoch); each example still sees only itself (block-diagonal attention).
+            ``"padding_free"``: each training batch's examples end to end in one row, no padding
+            and no mask tensor (:func:`collate_padding_free`); the same examples per step.
     """
 
     def __init__(
@@ -169,10 +195,12 @@ class PromptAnswerDataModule(_TokenizedDataModule):
         seed: int = 0,
         choices: Callable[[Row], list[str]] | None = None,
         label: Callable[[Row], int] | None = None,
-        packing: bool = False,
+        packing: bool | str = False,
         choice_scoring: str = "first_token",
     ) -> None:
         super().__init__(tokenizer, splits, max_length, batch_size, seed)
+        if packing not in (True, False, "padding_free"):
+            raise ValueError(f"packing={packing!r}: expected true, false or padding_free.")
         self.packing = packing
         self.choice_scoring = choice_scoring
         self.to_pair = to_pair
@@ -194,10 +222,13 @@ class PromptAnswerDataModule(_TokenizedDataModule):
     def _collate(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
         return collate(batch, self.tokenizer.pad_token_id)
 
+    def _collate_train(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        return collate_padding_free(batch) if self.packing == "padding_free" else self._collate(batch)
+
     def setup(self, stage: str | None = None) -> None:
         packed_before = "train" in self.encoded
         super().setup(stage)
-        if self.packing and not packed_before:
+        if self.packing is True and not packed_before:
             examples = self.encoded["train"]
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(self.seed)).tolist()
             self.encoded["train"] = pack([examples[i] for i in order], self.max_length)
