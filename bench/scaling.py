@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, loadavg, machine_info  # noqa: E402
+from bench.common import RESULTS, ROOT, loadavg, machine_info  # noqa: E402
 from bench.matrix import cell_args  # noqa: E402
-from bench.random_model import write_random_llama  # noqa: E402
+from bench.random_model import is_checkpoint  # noqa: E402
 from bench.run import run_speed  # noqa: E402
 
 SEQS = (128, 512, 1024, 2048)
@@ -46,7 +47,13 @@ def model_dirs(root: Path) -> dict[str, str]:
     dirs = {"smollm2-135m": str(resolve_model_path("smollm2-135m-instruct"))}
     for name, shape in SHAPES.items():
         full = dict(vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, **shape)
-        dirs[name] = str(write_random_llama(root / name, full, shard_bytes=2 << 30))
+        dirs[name] = str(root / name)
+        if not is_checkpoint(root / name):
+            # In a child: a worker's ru_maxrss starts at this process's RSS when it forks, so this
+            # process must never hold a model's shards.
+            code = "import sys, json; from bench.random_model import write_random_llama as w;"
+            code += " w(sys.argv[1], json.loads(sys.argv[2]), shard_bytes=2 << 30)"
+            subprocess.run([sys.executable, "-c", code, dirs[name], json.dumps(full)], cwd=ROOT, check=True)
     return dirs
 
 

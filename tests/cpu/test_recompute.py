@@ -92,13 +92,20 @@ def test_replay_dropout_outside_checkpointing_is_plain_dropout():
     assert torch.equal(drop.eval()(x), x)
 
 
-def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3, fast: bool = False):
+def _fit(
+    model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3, fast: bool = False, reentrant: bool = False
+):
+    from lightning_qlora.cpu.recompute import checkpoint_reentrant
+
     torch.manual_seed(0)
     model = model_factory()
     kw = dict(r=4, alpha=8, dropout=0.1, gradient_checkpointing=gradient_checkpointing, verbose=False)
-    prepare(model, **kw, cpu=CPUOptions(reuse_recompute=swap, fast_dropout=fast))
+    prepare(model, **kw, cpu=CPUOptions(reuse_recompute=swap, fast_dropout=fast, reentrant_checkpoint=reentrant))
     swapped = [m for m in model.modules() if type(m).__name__ in ("ReuseLinear4bit", "ReplayDropout")]
     assert len(swapped) == (28 if swap else 0)  # 2 layers x 7 projections, each with its LoRA dropout
+    funcs = [getattr(m, "_gradient_checkpointing_func", None) for m in model.modules()]
+    engaged = sum(getattr(f, "func", None) is checkpoint_reentrant for f in funcs)
+    assert engaged == (2 if reentrant and gradient_checkpointing else 0)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2)
@@ -123,15 +130,17 @@ def _fit(model_factory, swap: bool, gradient_checkpointing: bool, steps: int = 3
     return losses, [p.detach().clone() for p in trainable], torch.get_rng_state(), counts
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("gradient_checkpointing", [True, False])
-def test_reuse_changes_no_bit_of_training(gradient_checkpointing):
+def test_reuse_changes_no_bit_of_training(gradient_checkpointing, reentrant):
     from transformers import LlamaForCausalLM
 
     def factory():
         return LlamaForCausalLM(tiny_llama_config())
 
+    # The reference is stock layers under transformers' non-reentrant checkpointing.
     stock = _fit(factory, swap=False, gradient_checkpointing=gradient_checkpointing)
-    reused = _fit(factory, swap=True, gradient_checkpointing=gradient_checkpointing)
+    reused = _fit(factory, swap=True, gradient_checkpointing=gradient_checkpointing, reentrant=reentrant)
     assert stock[0] == reused[0]  # losses, exactly
     assert all(torch.equal(a, b) for a, b in zip(stock[1], reused[1], strict=True))  # adapter weights after 3 steps
     assert torch.equal(stock[2], reused[2])  # RNG state after training
@@ -162,7 +171,7 @@ def test_fast_masks_are_replayed_bit_for_bit(monkeypatch):
     def factory():
         return LlamaForCausalLM(tiny_llama_config())
 
-    replayed = _fit(factory, swap=True, gradient_checkpointing=True, fast=True)
+    replayed = _fit(factory, swap=True, gradient_checkpointing=True, fast=True, reentrant=True)
     monkeypatch.setattr(_pending, "take", lambda key, state: None)
     redrawn = _fit(factory, swap=True, gradient_checkpointing=True, fast=True)
     assert replayed[0] == redrawn[0]

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_qlora.cpu.allocator import CreepGuard, copy_file_backed, pin_mmap_threshold, release_free_memory
 from lightning_qlora.cpu.options import CPUOptions
-from lightning_qlora.cpu.recompute import reuse_recomputation
+from lightning_qlora.cpu.recompute import reuse_recomputation, use_reentrant_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,11 @@ class CPUReport:
         dropouts: LoRA dropouts swapped for ones that replay the forward's mask.
         copied_bytes: Weights copied out of a memory-mapped checkpoint, so that the mapping can go.
         mmap_pinned: Whether glibc's mmap threshold is pinned to ``options.mmap_threshold``.
+        reentrant: Checkpointed layers switched to reentrant checkpointing.
     """
 
     layers: int = 0
+    reentrant: int = 0
     dropouts: int = 0
     copied_bytes: int = 0
     mmap_pinned: bool = False
@@ -40,7 +42,8 @@ class CPUReport:
     def summary(self) -> str:
         return (
             f"CPU fast path: {self.layers} 4-bit layers and {self.dropouts} dropouts reuse the recompute;"
-            f" {self.copied_bytes} bytes copied out of mapped files; mmap threshold pinned: {self.mmap_pinned}"
+            f" {self.copied_bytes} bytes copied out of mapped files; mmap threshold pinned: {self.mmap_pinned};"
+            f" {self.reentrant} layers checkpoint reentrant"
         )
 
 
@@ -64,6 +67,8 @@ def apply(model: nn.Module, options: CPUOptions | None = None) -> CPUReport:
         report.layers, report.dropouts = reuse_recomputation(model, fast_dropout=options.fast_dropout)
     if not all(t.device.type == "cpu" for t in model.parameters()):
         return report
+    if options.reentrant_checkpoint and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        report.reentrant = use_reentrant_checkpointing(model)
     if options.mmap_threshold is not None:
         report.mmap_pinned = pin_mmap_threshold(options.mmap_threshold)
     if options.release_memory:

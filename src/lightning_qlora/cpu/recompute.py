@@ -29,6 +29,7 @@ On GPU, and outside checkpointed blocks, both classes behave exactly like the on
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -49,10 +50,57 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _FirstForward(threading.local):
+    """How deep this thread is inside :func:`checkpoint_reentrant`'s first (no-grad) forward."""
+
+    depth = 0
+
+
+_first_forward = _FirstForward()
+
+
 def in_checkpointed_forward() -> bool:
-    """Whether this is the first forward of a non-reentrant checkpointed block, whose saved tensors are dropped."""
+    """Whether this is the first forward of a checkpointed block, whose saved tensors are dropped.
+
+    Non-reentrant checkpointing shows itself by its saved-tensor hooks; reentrant checkpointing
+    has none, so :func:`checkpoint_reentrant` marks its first forward.
+    """
+    if _first_forward.depth and not in_backward():
+        return True
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+
+
+def checkpoint_reentrant(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """torch's reentrant checkpoint (PEFT's default), its first forward marked for the reuse above.
+
+    The backward recomputes a block and runs a backward through it at once, then frees all of it;
+    non-reentrant checkpointing frees the recomputed tensors one by one between new gradients,
+    which leaves glibc's heap larger (``bench/README.md``, "Why we lose where we lose").
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    kwargs["use_reentrant"] = True
+    _first_forward.depth += 1
+    try:
+        return checkpoint(function, *args, **kwargs)
+    finally:
+        _first_forward.depth -= 1
+
+
+def use_reentrant_checkpointing(model: nn.Module) -> int:
+    """Make each checkpointed transformers layer of ``model`` use :func:`checkpoint_reentrant`; the count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = 0
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(module, GradientCheckpointingLayer) and func is not None and module.gradient_checkpointing:
+            keep = dict(getattr(func, "keywords", None) or {})
+            keep.pop("use_reentrant", None)
+            module._gradient_checkpointing_func = functools.partial(checkpoint_reentrant, **keep)
+            layers += 1
+    return layers
 
 
 class _Pending(threading.local):

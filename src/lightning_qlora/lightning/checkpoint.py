@@ -60,11 +60,16 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], path: str) -> Non
         check_configs(then, now, path)
 
 
+# Keys added to a config after checkpoints were written, with the value an older checkpoint had.
+_ADDED_KEYS = {"adapter": {"offload_activations": False}, "quant": {}}
+
+
 def check_configs(then: dict[str, Any], now: dict[str, Any], path: str) -> None:
     """Raise ``ValueError`` when the saved adapter or quant config differs from this run's."""
     for part in ("adapter", "quant"):
+        saved = {**_ADDED_KEYS[part], **then[part]}
         # Keys this run cannot know yet (the precision budget's layers, before the model loads) are skipped.
-        diff = {k: (then[part].get(k), v) for k, v in now[part].items() if then[part].get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in now[part].items() if saved.get(k) != v}
         if diff:
             raise ValueError(
                 f"checkpoint {path} was saved with another {part} config; differences (saved, now): {diff}."
