@@ -72,10 +72,7 @@ def layer_grads_per_token(dims: tuple[int, int, int, int, int], adapters: Sequen
 
 
 def heap_resident(
-    per_layer: Sequence[tuple[float, float, float]],
-    tokens: int,
-    checkpointing: bool | Sequence[bool],
-    reentrant: bool = False,
+    per_layer: Sequence[tuple[float, float, float]], tokens: int, checkpointing: bool | Sequence[bool]
 ) -> float:
     """Activation bytes glibc's default heap holds at a step's peak (layer inputs and logits excluded).
 
@@ -83,17 +80,9 @@ def heap_resident(
         per_layer: ``(saved with float masks, saved as recomputed, gradients)`` per token, per layer.
         tokens: Tokens in the micro batch.
         checkpointing: Gradient checkpointing, for every layer or per layer (selective).
-        reentrant: Reentrant checkpointing (``CPUOptions(reentrant_checkpoint=True)``): each layer's
-            recompute and its backward are freed together, so the next layer's reuse that heap.
     """
     if isinstance(checkpointing, bool):
         checkpointing = [checkpointing] * len(per_layer)
-    if reentrant and any(checkpointing):
-        # One checkpointed layer's recompute (float masks: it runs as a plain forward) and its
-        # gradients at a time; layers outside checkpointing keep theirs, as below.
-        widest = max(f + g for (f, _, g), c in zip(per_layer, checkpointing, strict=True) if c)
-        rest = sum(f + g for (f, _, g), c in zip(per_layer, checkpointing, strict=True) if not c)
-        return tokens * (widest + rest)
     # A checkpointed layer's recompute lands on fresh heap; its gradients reuse what the recompute of
     # the same layer freed, but the next layer's recompute does not, so all layers' stay resident.
     # Elsewhere the forward's saved tensors are on the heap; the backward's gradients do not fit in
