@@ -49,7 +49,7 @@ def test_without_checkpointing_every_layer_is_kept_and_the_head_matters():
 
 
 def test_glibc_heap_keeps_a_steps_activations_and_their_gradients():
-    kw = dict(TINY, allocator="glibc")
+    kw = dict(TINY, allocator="glibc", reentrant=False)
     ckpt, full = (estimate_memory(tiny_llama_config(), gradient_checkpointing=g, **kw) for g in (True, False))
     # Per token and layer: the 2,584 B core; adapter inputs 512 floats dropped (2,048 B) and their
     # masks, one bit each inside checkpointed blocks (64 B) or fp32 outside (2,048 B); 224 B of lora_A
@@ -161,7 +161,7 @@ def test_chunked_loss_holds_one_chunk_of_logits():
 
 
 def test_selective_checkpointing_counts_each_layer_as_it_runs():
-    kw = dict(TINY, allocator="glibc")
+    kw = dict(TINY, allocator="glibc", reentrant=False)
     every2 = estimate_memory(tiny_llama_config(), gradient_checkpointing=2, **kw)
     # Layer 0 is checkpointed (recomputed tensors, 1-bit masks: 4,920 B a token), layer 1 keeps its
     # forward's tensors and gradients (11,512 B a token), as in the all-or-nothing test above.
@@ -170,3 +170,18 @@ def test_selective_checkpointing_counts_each_layer_as_it_runs():
     four = tiny_llama_config(num_hidden_layers=4)
     totals = [estimate_memory(four, gradient_checkpointing=g, **kw).total for g in (True, 2, 4, False)]
     assert totals == sorted(totals) and len(set(totals)) == 4  # fewer checkpointed layers, more memory
+
+
+def test_reentrant_checkpointing_keeps_a_measured_share_of_the_recompute():
+    from lightning_qlora.app.estimate_activations import REENTRANT_HEAP_SHARE
+
+    kw = dict(TINY, allocator="glibc")
+    default, reentrant, plain = (
+        estimate_memory(tiny_llama_config(), **kw),
+        estimate_memory(tiny_llama_config(), reentrant=True, **kw),
+        estimate_memory(tiny_llama_config(), reentrant=False, **kw),
+    )
+    assert default.total == reentrant.total  # the CPU default
+    # The recomputed tensors (4,920 B a token and layer, as above), at the measured share.
+    recomputed = 32 * 2 * 4_920
+    assert plain.activations - reentrant.activations == pytest.approx((1 - REENTRANT_HEAP_SHARE) * recomputed, abs=1)

@@ -123,6 +123,7 @@ def estimate_memory(
     allocator: str = "glibc",
     low_memory: bool = True,
     loss_chunk_size: int | str | None = "auto",
+    reentrant: bool = True,
 ) -> MemoryEstimate:
     """Predict the peak memory of a QLoRA training step, from the model config only.
 
@@ -148,6 +149,8 @@ def estimate_memory(
         low_memory: The model is quantized while loading (the default); ``False``: loaded in fp32 first.
         loss_chunk_size: ``CausalLMModule(loss_chunk_size=...)``: the head and the loss run over this
             many scored tokens at a time; ``None``: all at once; ``"auto"`` (the module's default): 1024.
+        reentrant: Checkpointing runs reentrant, as ``QLoRAPlugin`` runs it on CPU in one process
+            (``CPUOptions.reentrant_checkpoint``); ``False``: non-reentrant (DDP, FSDP). glibc only.
 
     Returns:
         A :class:`MemoryEstimate`; ``.total`` is the predicted peak, ``.table()`` the breakdown.
@@ -228,7 +231,7 @@ def estimate_memory(
         # Logits up to the mmap threshold sit on the heap and stay; larger ones are mapped while alive.
         # Either way they add to the heap at the loss backward, the step's peak.
         where = "mapped" if at_once * shape.vocab * 4 > _MMAP_THRESHOLD_MAX else "on the heap"
-        activations = kept + workspace + heap_resident(per_layer, tokens, checkpointed)
+        activations = kept + workspace + heap_resident(per_layer, tokens, checkpointed, reentrant)
         peak_at = "loss backward, on a heap holding a step's activations" + (
             " (recomputed)" if all(checkpointed) else " and their gradients"
         )
