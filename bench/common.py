@@ -203,3 +203,18 @@ def compare(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, float]:
         if ours.get(key) is not None and peer.get(key):
             ratios[key] = round(ours[key] / peer[key], 4)
     return ratios
+
+
+def quiet_trainer(**kwargs: Any) -> Any:
+    """A Lightning Trainer that only trains: no logger, checkpoints, progress bar, summary or validation."""
+    import lightning as L
+
+    quiet = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**quiet, **kwargs})

@@ -25,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, ROOT, loadavg, machine_info, median  # noqa: E402
+from bench.common import RESULTS, ROOT, loadavg, machine_info, median, quiet_trainer  # noqa: E402
 from bench.run import alternating, run_worker  # noqa: E402
 
 
@@ -60,17 +60,11 @@ def padding_child(mode: str, steps: int, batch: int, threads: int) -> dict[str, 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             times.append(time.perf_counter() - self.start)
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="cpu",
         plugins=[QLoRAPlugin()],
         callbacks=[LoRAAdapters(gradient_checkpointing=False), Timer()],
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     trainer.fit(CausalLMModule(model, warmup_steps=0), datamodule=dm)
     timed = slice(2, None)  # the first two steps warm up

@@ -42,6 +42,7 @@ from bench.common import (  # noqa: E402
     median,
     peak_rss_mib,
     pin_mmap_threshold,
+    quiet_trainer,
     random_batches,
     reset_hwm,
     rss_mib,
@@ -382,18 +383,12 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
     # --no-fast-dropout: torch's bernoulli_ masks instead of lightning_qlora.cpu.dropout's.
     kwargs["release_memory"] = args.release
     plugin = QLoRAPlugin(cpu=CPUOptions(reuse_recompute=args.reuse, fast_dropout=args.fast_dropout, **kwargs))
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         plugins=[plugin],
         callbacks=[LoRAAdapters(**_lora(args), gradient_checkpointing=args.gc), Timer()],
         max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
     log.info["compute_dtype"] = str(trainer.precision_plugin.compute_dtype).removeprefix("torch.")
