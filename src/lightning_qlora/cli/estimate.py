@@ -23,6 +23,12 @@ def _chunk(text: str) -> int | str | None:
     return int(text)
 
 
+def _every(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number of layers >= 1, e.g. 2")
+    return int(text)
+
+
 def _checkpointing(args: argparse.Namespace) -> bool | int:
     if args.no_gradient_checkpointing:
         return False
@@ -52,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-double-quant", action="store_true", help="keep fp32 4-bit block scales")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--checkpoint-every", type=int, metavar="K", help="checkpoint every K-th layer only (gradient_checkpointing=K)"
+        "--checkpoint-every", type=_every, metavar="K", help="checkpoint every K-th layer only (gradient_checkpointing=K)"
     )
     parser.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--budget", type=float, metavar="GiB", help="memory budget: print the micro batch that fits")
