@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-double-quant", action="store_true", help="keep fp32 4-bit block scales")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--checkpoint-every", type=_every, metavar="K", help="checkpoint every K-th layer only (gradient_checkpointing=K)"
+        "--checkpoint-every", type=_every, metavar="K", help="checkpoint every K-th layer (gradient_checkpointing=K)"
     )
     parser.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--budget", type=float, metavar="GiB", help="memory budget: print the micro batch that fits")
