@@ -63,6 +63,24 @@ def test_missing_and_truncated_weights_are_errors(tmp_path):
         list(iter_safetensors(shard))
 
 
+def test_a_header_whose_sizes_disagree_is_an_error(tmp_path):
+    import struct
+
+    from safetensors.torch import save_file
+
+    shard = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, shard)
+    raw = shard.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    assert [t.tolist() for _, t in iter_safetensors(shard)] == [[[0, 1, 2], [3, 4, 5]]]
+    header["w"]["shape"] = [2, 4]  # 32 bytes of float32 claimed, 24 stored
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    shard.write_bytes(raw[:8] + text + raw[8 + size :])
+    with pytest.raises(ValueError, match=r"tensor 'w' has 24 bytes for shape \[2, 4\]; re-save the model"):
+        list(iter_safetensors(shard))
+
+
 PEAK = """
 import json, sys, torch
 from lightning_qlora.core.lowmem import load_quantized

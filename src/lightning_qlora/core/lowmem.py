@@ -10,6 +10,7 @@ unquantized parts (embeddings, norms, heads) plus one tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ from lightning_qlora.core.quantize import (
 )
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Loading trims the heap after this many bytes of fp32 weights are dropped: the peak while loading
+# stays within this of quantized-so-far plus one layer.
+RELEASE_EVERY = 32 * 2**20
 _TASKS = ("causal-lm", "sequence-classification", "token-classification")
 
 
@@ -132,6 +136,7 @@ def _load(
     compute_dtype = config.resolve_compute_dtype(device)
     report = QuantReport(config.quant_type, compute_dtype, device)
     pending: dict[str, dict[str, torch.Tensor]] = {}
+    unreleased = 0  # bytes of weights dropped since the last trim
     for file in files:
         for key, tensor in iter_safetensors(file):
             module_name, _, leaf = key.rpartition(".")
@@ -149,9 +154,15 @@ def _load(
                     report.quantized.append(module_name)
                     report.bytes_before += linear.in_features * linear.out_features * 4
                     report.bytes_after += quantized_nbytes(new)
-                    release_free_memory()  # glibc keeps freed pages otherwise, and they count as RSS
+                    # glibc keeps freed pages otherwise, and they count as RSS. Trimming walks the
+                    # whole heap, so once per RELEASE_EVERY bytes rather than after every layer.
+                    unreleased += linear.in_features * linear.out_features * 4
+                    if unreleased >= RELEASE_EVERY:
+                        release_free_memory()
+                        unreleased = 0
             else:
                 _assign(model, module_name, leaf, tensor)
+    release_free_memory()
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     heads = head_names(model)
@@ -198,15 +209,19 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         start = 8 + size
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            data = bytearray(f.read(end - begin))
-            if len(data) != end - begin:
-                raise ValueError(f"{path} is truncated at tensor {name!r}; re-save or re-download the model.")
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}.")
-            tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-            yield name, tensor.reshape(info["shape"])
+            if math.prod(info["shape"]) * dtype.itemsize != end - begin:
+                raise ValueError(
+                    f"{path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']}; re-save the model."
+                )
+            f.seek(start + begin)
+            # Read straight into the tensor's own memory: one copy from the page cache, not two.
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            if data.numel() and f.readinto(memoryview(data.numpy())) != end - begin:
+                raise ValueError(f"{path} is truncated at tensor {name!r}; re-save or re-download the model.")
+            yield name, data.view(dtype).reshape(info["shape"])
 
 
 def _quantize_one(
