@@ -55,7 +55,12 @@ def write_random_llama(
     directory.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**(shape or LLAMA3_8B), dtype=dtype)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+        model = LlamaForCausalLM(config)
+        # Each parameter once: a tied head shares the embedding, so the file holds only the
+        # embedding, as transformers saves a tied model (a second, different head would leave
+        # from_pretrained untied and low-memory loading tied: two models).
+        named = [*model.named_parameters(), *model.named_buffers()]
+        shapes = {k: v.shape for k, v in named if k in model.state_dict()}
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
