@@ -2,11 +2,14 @@
 
     python bench/levers.py loss --runs 2          # chunked loss ("auto") vs the whole loss, 1 x 2048, no checkpointing
     python bench/levers.py padding --runs 2       # padding-free batches vs padded, the medical recipe's sample
+    python bench/levers.py checkpointing --runs 2 # every layer vs every 2nd layer vs none, 1 x 1024
 
 ``loss`` runs ``bench/worker.py`` (the bench's own random batches, every token scored). ``padding``
 trains the embedded SmolLM2-135M on the medical sample (PubMedQA's schema, the recipe's prompt
 format) at batch 8, through ``PromptAnswerDataModule`` and ``Trainer(plugins=[QLoRAPlugin()])``;
-tokens/s counts real (non-padding) tokens. Writes ``bench/results/levers-<lever>.json``.
+tokens/s counts real (non-padding) tokens. ``checkpointing`` runs ``bench/worker.py`` with
+``adapter.gradient_checkpointing`` True, 2 (every 2nd layer) and False. Writes
+``bench/results/levers-<lever>.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, ROOT, loadavg, machine_info, median, quiet_trainer  # noqa: E402
+from bench.common import RESULTS, ROOT, hwm_mib, loadavg, machine_info, median, quiet_trainer, reset_hwm  # noqa: E402
 from bench.run import alternating, run_worker  # noqa: E402
 
 
@@ -52,6 +55,9 @@ def padding_child(mode: str, steps: int, batch: int, threads: int) -> dict[str, 
     tokens: list[int] = []
 
     class Timer(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            reset_hwm()  # the training peak, without loading the fp32 checkpoint
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.start = time.perf_counter()
             labels = batch["labels"]
@@ -74,6 +80,7 @@ def padding_child(mode: str, steps: int, batch: int, threads: int) -> dict[str, 
         "tokens": tokens,
         "tokens_per_s": sum(tokens[timed]) / sum(times[timed]),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_peak_rss_mib": hwm_mib(),
     }
 
 
@@ -89,50 +96,70 @@ def run_padding(args: argparse.Namespace) -> dict[str, Any]:
         rec = json.loads(done.stdout.strip().splitlines()[-1])
         records[side].append(rec)
         print(f"{side}: {rec['tokens_per_s']:.0f} tok/s, peak {rec['peak_rss_mib']:.0f} MiB", flush=True)
-    summary = {
-        side: {
-            "tokens_per_s": median([r["tokens_per_s"] for r in recs]),
-            "peak_rss_mib": median([r["peak_rss_mib"] for r in recs]),
-        }
-        for side, recs in records.items()
-    }
-    ratio = {
-        "tokens_per_s": summary["padding_free"]["tokens_per_s"] / summary["padded"]["tokens_per_s"],
-        "peak_rss_mib": summary["padding_free"]["peak_rss_mib"] / summary["padded"]["peak_rss_mib"],
-    }
+    summary = summarize(records, {k: lambda r, k=k: r[k] for k in ("tokens_per_s", "train_peak_rss_mib")})
+    ratio = {k: summary["padding_free"][k] / summary["padded"][k] for k in summary["padded"]}
     return {"summary": summary, "ratio_padding_free_over_padded": ratio, "records": records}
 
 
-def run_loss(args: argparse.Namespace) -> dict[str, Any]:
+def summarize(records: dict[str, list], fields: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per side, the median over runs of each field (a function of one run's record)."""
+    return {side: {k: median([f(r) for r in recs]) for k, f in fields.items()} for side, recs in records.items()}
+
+
+WORKER_FIELDS = {
+    "median_step_s": lambda r: r["median_step_s"],
+    "peak_rss_mib": lambda r: r["peak_rss_mib"],
+    "minor_faults_per_step": lambda r: median(r["step_minor_faults"]),
+    "sys_s_per_step": lambda r: median(r["step_sys_s"]),
+}
+
+
+def run_sides(args: argparse.Namespace, common: list[str], sides: dict[str, list[str]]) -> dict[str, list]:
+    """``bench/worker.py`` runs of ours, one per side and run, in alternating order."""
     from lightning_qlora.io.models import resolve_model_path
 
     model = str(resolve_model_path("smollm2-135m-instruct"))
-    common = ["speed", "--side", "ours", "--model", model, "--steps", str(args.steps), "--warmup", "1"]
-    common += ["--batch", "1", "--seq", "2048", "--no-gc", "--dropout", "0", "--threads", str(args.threads)]
-    records: dict[str, list] = {"auto": [], "none": []}
-    for side in alternating(args.runs, ("auto", "none")):
-        rec = run_worker([*common, "--loss-chunk", side], args.threads)
+    head = ["speed", "--side", "ours", "--model", model, "--steps", str(args.steps), "--threads", str(args.threads)]
+    records: dict[str, list] = {side: [] for side in sides}
+    for side in alternating(args.runs, tuple(sides)):
+        rec = run_worker([*head, *common, *sides[side]], args.threads)
         records[side].append(rec)
         print(f"{side}: step {rec['median_step_s']:.2f} s, peak {rec['peak_rss_mib']:.0f} MiB", flush=True)
-    summary = {
-        side: {
-            "median_step_s": median([r["median_step_s"] for r in recs]),
-            "peak_rss_mib": median([r["peak_rss_mib"] for r in recs]),
-            "minor_faults_per_step": median([median(r["step_minor_faults"]) for r in recs]),
-            "sys_s_per_step": median([median(r["step_sys_s"]) for r in recs]),
-        }
-        for side, recs in records.items()
-    }
+    return records
+
+
+def run_loss(args: argparse.Namespace) -> dict[str, Any]:
+    common = ["--warmup", "1", "--batch", "1", "--seq", "2048", "--no-gc", "--dropout", "0"]
+    records = run_sides(args, common, {"auto": ["--loss-chunk", "auto"], "none": ["--loss-chunk", "none"]})
+    summary = summarize(records, WORKER_FIELDS)
     ratio = {k: summary["auto"][k] / summary["none"][k] for k in ("median_step_s", "peak_rss_mib")}
     first = {side: [r["losses"][0] for r in recs] for side, recs in records.items()}
     return {"summary": summary, "ratio_chunked_over_whole": ratio, "first_losses": first, "records": records}
 
 
+def run_checkpointing(args: argparse.Namespace) -> dict[str, Any]:
+    common = ["--warmup", "2", "--batch", "1", "--seq", "1024"]
+    sides = {"every_layer": ["--gc"], "every_2nd": ["--gc", "--gc-every", "2"], "none": ["--no-gc"]}
+    records = run_sides(args, common, sides)
+    summary = summarize(records, WORKER_FIELDS)
+    ratio = {
+        side: {k: summary[side][k] / summary["every_layer"][k] for k in ("median_step_s", "peak_rss_mib")}
+        for side in ("every_2nd", "none")
+    }
+    first = {side: [r["losses"][0] for r in recs] for side, recs in records.items()}
+    return {"summary": summary, "ratio_over_every_layer": ratio, "first_losses": first, "records": records}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("lever", nargs="?", choices=("loss", "padding"))
+    parser.add_argument("lever", nargs="?", choices=("loss", "padding", "checkpointing"))
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (loss: 4, padding: 12)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per run (default: loss 4, padding 12, checkpointing 5)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -140,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(padding_child(**json.loads(args.child))))
         return 0
     if args.lever is None:
-        parser.error("name a lever: loss or padding")
-    args.steps = args.steps or {"loss": 4, "padding": 12}[args.lever]
+        parser.error("name a lever: loss, padding or checkpointing")
+    args.steps = args.steps or {"loss": 4, "padding": 12, "checkpointing": 5}[args.lever]
     start = loadavg()
-    result = {"loss": run_loss, "padding": run_padding}[args.lever](args)
+    result = {"loss": run_loss, "padding": run_padding, "checkpointing": run_checkpointing}[args.lever](args)
     result = {
         "case": f"levers-{args.lever}",
         "command": shlex.join([sys.executable, *sys.argv]),

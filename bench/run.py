@@ -69,7 +69,7 @@ def run_worker(argv: list[str], threads: int, timeout: float | None = None) -> d
     return parse_result(proc.stdout)
 
 
-def alternating(runs: int, sides: tuple[str, str]) -> list[str]:
+def alternating(runs: int, sides: tuple[str, ...]) -> list[str]:
     """A, B, B, A, A, B, ...: each side goes first equally often, so load drift cancels."""
     order: list[str] = []
     for i in range(runs):

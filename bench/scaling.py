@@ -2,6 +2,7 @@
 
     python bench/scaling.py                      # both axes, 1 run x 4 steps (2 timed) per side and point
     python bench/scaling.py --axis seq --runs 3
+    python bench/scaling.py --axis model --merge  # keep the seq axis already in --out
 
 ``seq``: the embedded SmolLM2-135M at batch 1 x 128, 512, 1024 and 2048 tokens. ``model``: the
 real 135M plus random-weight SmolLM2-360M and SmolLM2-1.7B shapes (written once, bf16, under
@@ -83,6 +84,15 @@ def growth(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_info(args: argparse.Namespace) -> dict[str, Any]:
+    """The command and settings of one axis' run: axes merged from two runs keep their own."""
+    return {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "settings": {k: getattr(args, k) for k in ("runs", "steps", "warmup", "threads")},
+        "loadavg_end": loadavg(),
+    }
+
+
 def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -122,29 +132,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--models", type=Path, default=Path.home() / ".cache" / "lightning_qlora" / "bench")
     parser.add_argument("--out", type=Path, default=RESULTS / "scaling.json")
+    parser.add_argument("--merge", action="store_true", help="keep --out's other axis; replace the one run now")
     args = parser.parse_args(argv)
     dirs = model_dirs(args.models)
-    start = loadavg()
     axes: dict[str, Any] = {}
+    if args.merge and args.out.is_file():
+        axes = json.loads(args.out.read_text())["axes"]
     if args.axis in ("seq", "both"):
         pts = []
         for seq in SEQS:
             print(f"seq {seq}", flush=True)
             pts.append(point(dirs["smollm2-135m"], seq, args))
-        axes["seq"] = {"points": pts, "growth": growth(pts)}
+        axes["seq"] = {"points": pts, "growth": growth(pts), **run_info(args)}
     if args.axis in ("model", "both"):
         pts = []
         for name, folder in dirs.items():
             print(f"model {name}", flush=True)
             pts.append({"model": name, **point(folder, MODEL_SEQ, args)})
-        axes["model"] = {"points": pts, "growth": growth(pts)}
+        axes["model"] = {"points": pts, "growth": growth(pts), **run_info(args)}
     result = {
         "case": "scaling",
-        "command": shlex.join([sys.executable, *sys.argv]),
         "machine": machine_info(),
-        "settings": {k: getattr(args, k) for k in ("runs", "steps", "warmup", "threads")},
-        "loadavg_start": start,
-        "loadavg_end": loadavg(),
         "axes": axes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

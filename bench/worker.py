@@ -264,6 +264,11 @@ def _lora(args: argparse.Namespace) -> dict[str, Any]:
     return {"r": r, "alpha": 2 * r, "dropout": dropout}
 
 
+def _checkpointing(args: argparse.Namespace) -> bool | int:
+    """Ours' ``gradient_checkpointing``: every layer (True), every k-th layer (--gc-every k), or none."""
+    return args.gc_every if args.gc and args.gc_every else args.gc
+
+
 def _threshold(args: argparse.Namespace) -> int | None:
     """The glibc mmap threshold to pin, from ``--mmap-threshold`` (None: leave glibc's dynamic one)."""
     return None if args.mmap_threshold in ("default", "glibc") else int(args.mmap_threshold)
@@ -387,7 +392,7 @@ def speed_ours(args: argparse.Namespace, batches: list[dict], log: StepLog) -> A
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         plugins=[plugin],
-        callbacks=[LoRAAdapters(**_lora(args), gradient_checkpointing=args.gc), Timer()],
+        callbacks=[LoRAAdapters(**_lora(args), gradient_checkpointing=_checkpointing(args)), Timer()],
         max_steps=args.steps,
     )
     trainer.fit(module, DataLoader(batches, batch_size=None))
@@ -515,7 +520,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "seq": args.seq,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
-        "gc": args.gc,
+        "gc": _checkpointing(args) if args.side == "ours" else args.gc,
         "lora": _lora(args),
         "peer_cpu_bf16": args.peer_cpu_bf16 if args.side == "peer" else None,
         "peer_gc": args.peer_gc if args.side == "peer" else None,
@@ -701,6 +706,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.add_argument(
         "--release", action=argparse.BooleanOptionalAction, default=True, help="ours: CPUOptions(release_memory=...)"
     )
+    sp.add_argument("--gc-every", type=int, help="ours: checkpoint every k-th layer only (selective checkpointing)")
     sp.add_argument("--r", type=int, help=f"LoRA rank on both sides (default {LORA['r']}; alpha = 2r)")
     sp.add_argument("--dropout", type=float, help=f"LoRA dropout on both sides (default {LORA['dropout']})")
     sp.add_argument(
