@@ -62,3 +62,59 @@ def test_matrix_cells_start_at_the_same_loss_and_the_readme_quotes_the_worst_cel
         assert data["worst"][key]["cell"] == worst
         quoted = f"{label} {cells[worst]['ratio_ours_over_peer'][key]:.2f}x (cell {worst})"
         assert quoted in readme, quoted
+
+
+def _scaling_row(point: dict) -> str:
+    label = point.get("model", point["seq"])
+    return (
+        f"| {label} | {point['ours_step_ms_per_token']:.2f} | {point['peer_step_ms_per_token']:.2f}"
+        f" | {point['step_ratio']:.3f} | {point['ours_peak_rss_mib']:.0f} | {point['peer_peak_rss_mib']:.0f}"
+        f" | {point['rss_ratio']:.3f} |"
+    )
+
+
+def test_scaling_json_backs_the_cost_growth_table():
+    data = json.loads((RESULTS / "scaling.json").read_text())
+    readme = (RESULTS.parent / "README.md").read_text()
+    assert sorted(data["axes"]) == ["model", "seq"]
+    assert [p["seq"] for p in data["axes"]["seq"]["points"]] == [128, 512, 1024, 2048]
+    assert [p["model"] for p in data["axes"]["model"]["points"]] == ["smollm2-135m", "smollm2-360m", "smollm2-1.7b"]
+    for axis in data["axes"].values():
+        points = axis["points"]
+        for point in points:
+            assert _scaling_row(point) in readme, _scaling_row(point)
+            ratios = point["result"]["ratio_ours_over_peer"]
+            assert point["step_ratio"] == ratios["median_step_s"]
+            assert point["rss_ratio"] == ratios["peak_rss_mib"]
+            ours, peer = point["first_loss"]
+            assert abs(ours - peer) <= FIRST_LOSS_TOLERANCE, point
+        for key, growth in axis["growth"].items():
+            # The target: the ratio at the largest point at most 0.05 above the smallest point's.
+            assert growth["first"] == pytest.approx(points[0][key]) and growth["last"] == pytest.approx(points[-1][key])
+            assert growth["met"] == (points[-1][key] <= points[0][key] + 0.05)
+    # The README's front door quotes the sequence-length growth of the step ratio.
+    seq = data["axes"]["seq"]["growth"]["step_ratio"]
+    quoted = f"{seq['first']:.2f}x at 128 tokens, {seq['last']:.2f}x at 2,048"
+    assert quoted in (RESULTS.parents[1] / "README.md").read_text(), quoted
+
+
+def test_lever_jsons_back_the_quoted_ratios():
+    readme = (RESULTS.parent / "README.md").read_text()
+    loss = json.loads((RESULTS / "levers-loss.json").read_text())["ratio_chunked_over_whole"]
+    ckpt = json.loads((RESULTS / "levers-checkpointing.json").read_text())["ratio_over_every_layer"]
+    pad = json.loads((RESULTS / "levers-padding.json").read_text())["ratio_padding_free_over_padded"]
+    # (the row's first cell, how the row ends): the measured values sit between them.
+    quoted = [
+        ("| median step (s) |", f"| {loss['median_step_s']:.3f} |"),
+        ("| peak RSS (MiB) |", f"| {loss['peak_rss_mib']:.3f} |"),
+        (
+            "| every 2nd layer",
+            f"| {ckpt['every_2nd']['median_step_s']:.3f} | {ckpt['every_2nd']['peak_rss_mib']:.3f} |",
+        ),
+        ("| none (`false`)", f"| {ckpt['none']['median_step_s']:.3f} | {ckpt['none']['peak_rss_mib']:.3f} |"),
+        ("| real tokens/s |", f"| **{pad['tokens_per_s']:.3f}** |"),
+        ("| training peak RSS (MiB) |", f"| {pad['train_peak_rss_mib']:.3f} |"),
+    ]
+    rows = [line for line in readme.splitlines() if line.startswith("|")]
+    for head, tail in quoted:
+        assert any(r.startswith(head) and r.endswith(tail) for r in rows), (head, tail)
