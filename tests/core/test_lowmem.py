@@ -63,6 +63,29 @@ def test_missing_and_truncated_weights_are_errors(tmp_path):
         list(iter_safetensors(shard))
 
 
+def test_tied_heads_are_decided_as_from_pretrained_decides(tmp_path):
+    from safetensors.torch import save_file
+
+    path = _save(tmp_path, tie_word_embeddings=True)  # save_pretrained writes the tied head once
+    low, _ = load_quantized(path)
+    assert low.lm_head.weight is low.model.embed_tokens.weight
+    # A file whose config ties but which holds a head of its own: transformers keeps that head.
+    from transformers import LlamaForCausalLM
+
+    tensors = {k: v.contiguous() for k, v in LlamaForCausalLM.from_pretrained(path).state_dict().items()}
+    own_head = torch.randn_like(tensors["model.embed_tokens.weight"])
+    tensors["lm_head.weight"] = own_head
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    low, _ = load_quantized(path)
+    std = load_model(path)
+    quantize_model(std, QuantConfig())
+    assert torch.equal(std.lm_head.weight, own_head)  # what from_pretrained makes of it
+    assert torch.equal(low.lm_head.weight, own_head) and low.lm_head.weight is not low.model.embed_tokens.weight
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(low(input_ids=ids).logits, std(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_a_header_whose_sizes_disagree_is_an_error(tmp_path):
     import struct
 

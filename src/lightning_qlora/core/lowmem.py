@@ -9,6 +9,7 @@ unquantized parts (embeddings, norms, heads) plus one tensor.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -163,7 +164,7 @@ def _load(
             else:
                 _assign(model, module_name, leaf, tensor)
     release_free_memory()
-    model.tie_weights()
+    _tie_as_from_pretrained(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     heads = head_names(model)
     lost = [n for n in missing if not any(n == h or n.startswith(h + ".") for h in heads)]
@@ -245,6 +246,20 @@ def _assign(model: nn.Module, module_name: str, leaf: str, tensor: torch.Tensor)
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
+
+
+def _tie_as_from_pretrained(model: nn.Module) -> None:
+    """Tie the weights the config ties, deciding as ``from_pretrained`` does from what the file held.
+
+    transformers 5 leaves a head untied when the file holds it with values of its own, and ties
+    to whichever of the pair the file holds; a plain ``tie_weights()`` would overwrite the head with
+    the embedding and give another model than ``load_model``.
+    """
+    if "missing_keys" not in inspect.signature(model.tie_weights).parameters:
+        model.tie_weights()  # transformers 4: the file's own head is overwritten there too
+        return
+    missing = {name for name, param in model.named_parameters(remove_duplicate=False) if param.is_meta}
+    model.tie_weights(missing_keys=missing)
 
 
 def _init_missing(model: nn.Module) -> None:
