@@ -59,8 +59,9 @@ def write_random_llama(
         # Each parameter once: a tied head shares the embedding, so the file holds only the
         # embedding, as transformers saves a tied model (a second, different head would leave
         # from_pretrained untied and low-memory loading tied: two models).
+        saved = model.state_dict().keys()  # persistent buffers only, unlike named_buffers()
         named = [*model.named_parameters(), *model.named_buffers()]
-        shapes = {k: v.shape for k, v in named if k in model.state_dict()}
+        shapes = {k: v.shape for k, v in named if k in saved}
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}

@@ -2,7 +2,10 @@
 
     python bench/scaling.py                      # both axes, 1 run x 4 steps (2 timed) per side and point
     python bench/scaling.py --axis seq --runs 3
-    python bench/scaling.py --axis model --merge  # keep the seq axis already in --out
+    python bench/scaling.py --axis model --runs 2 --steps 7 --warmup 4 --merge  # keep the seq axis in --out
+
+At 1.7B the heap needs about 5 steps to settle (bench/README.md, "Cost growth"), hence the model
+axis' longer warm-up.
 
 ``seq``: the embedded SmolLM2-135M at batch 1 x 128, 512, 1024 and 2048 tokens. ``model``: the
 real 135M plus random-weight SmolLM2-360M and SmolLM2-1.7B shapes (written once, bf16, under
@@ -89,6 +92,7 @@ def run_info(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": shlex.join([sys.executable, *sys.argv]),
         "settings": {k: getattr(args, k) for k in ("runs", "steps", "warmup", "threads")},
+        "git": machine_info()["git"],
         "loadavg_end": loadavg(),
     }
 

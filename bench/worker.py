@@ -743,6 +743,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.case == "speed" and args.mmap_threshold not in ("default", "glibc") and not args.mmap_threshold.isdigit():
         parser.error(f"--mmap-threshold={args.mmap_threshold!r}: use 'default', 'glibc' or a number of bytes.")
+    if args.case == "speed" and args.gc_every is not None and (args.gc_every < 1 or args.side != "ours"):
+        parser.error(f"--gc-every={args.gc_every}: give ours' layer stride k >= 1 (e.g. 2), with --side ours.")
     if args.case in ("speed", "gpu-paths"):
         try:
             random_shape(args.model)

@@ -153,11 +153,12 @@ def _load(
                     parent, _, child = module_name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child, new)
                     report.quantized.append(module_name)
-                    report.bytes_before += linear.in_features * linear.out_features * 4
+                    fp32_bytes = linear.in_features * linear.out_features * 4
+                    report.bytes_before += fp32_bytes
                     report.bytes_after += quantized_nbytes(new)
                     # glibc keeps freed pages otherwise, and they count as RSS. Trimming walks the
                     # whole heap, so once per RELEASE_EVERY bytes rather than after every layer.
-                    unreleased += linear.in_features * linear.out_features * 4
+                    unreleased += fp32_bytes
                     if unreleased >= RELEASE_EVERY:
                         release_free_memory()
                         unreleased = 0
