@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_qlora.core.bnb import quantized_linear_types, require_bitsandbytes
 from lightning_qlora.core.checks import Check, Checked, Combo, is_bool, one_of
+from lightning_qlora.core.quantize4bit import quantize_layer
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 # Leaf names of heads that stay unquantized: causal-LM head, sequence-classification
@@ -349,6 +350,8 @@ def _make_quantized(
             quant_storage=config.quant_storage,
             module=new,
         )
+        if device.type == "cpu":
+            quantize_layer(new, data)  # else the .to(device) below quantizes with bitsandbytes
     if has_bias:
         new.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     if hasattr(new, "support_avx512bf16_for_cpu"):
