@@ -1,11 +1,11 @@
-"""Entity-level scores (CoNLL-2003's definition, seqeval), by hand, and gathered from two ranks."""
+"""Entity-level scores (CoNLL-2003's conlleval definition), by hand, and gathered from two ranks."""
 
 import pytest
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_qlora.tasks.data.tasks import CONLL2003_TAGS
-from lightning_qlora.tasks.entities import EntityMetrics, entity_scores
+from lightning_qlora.tasks.entities import EntityMetrics, chunks, entity_scores
 
 X = -100
 
@@ -82,10 +82,16 @@ def test_scores_are_gathered_from_every_rank():
     assert (scores["f1_PER"], scores["f1_ORG"], scores["f1_LOC"]) == pytest.approx((1.0, 1.0, 0.0))
 
 
-def test_without_seqeval_the_error_says_how_to_install(monkeypatch):
-    import sys
+def test_iobes_and_iob1_chunks_by_hand():
+    # IOBES: S- is a one-word entity, E- closes one; an I- after E- opens a new one.
+    assert chunks(["S-LOC", "B-PER", "E-PER", "I-PER", "O"]) == {("LOC", 0, 0), ("PER", 1, 2), ("PER", 3, 3)}
+    # IOB1: I- continues across words, a B- splits two entities of one type, a type change splits too.
+    assert chunks(["I-ORG", "I-ORG", "B-ORG", "I-LOC", "I-LOC"]) == {("ORG", 0, 1), ("ORG", 2, 2), ("LOC", 3, 4)}
+    assert chunks([]) == set() and chunks(["O", "O"]) == set()
 
-    monkeypatch.setitem(sys.modules, "seqeval", None)  # what an uninstalled package looks like to import
-    monkeypatch.setitem(sys.modules, "seqeval.metrics", None)
-    with pytest.raises(ImportError, match=r"need seqeval, which is not installed. Fix: pip install seqeval"):
-        EntityMetrics(CONLL2003_TAGS)
+
+def test_sentences_of_unequal_lengths_are_refused():
+    with pytest.raises(ValueError, match=r"got 2 gold and 1 predicted sentences; pass one each"):
+        entity_scores([["O"], ["O"]], [["O"]])
+    with pytest.raises(ValueError, match=r"sentence 0 has 2 gold tags and 1 predicted; pass one per word"):
+        entity_scores([["B-PER", "O"]], [["B-PER"]])
