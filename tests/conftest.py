@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -165,3 +168,16 @@ class CountOps(TorchDispatchMode):
         if name in self.counts:
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A full disk for this process: no file may grow past ``nbytes`` (EFBIG), as ``ulimit -f`` sets it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

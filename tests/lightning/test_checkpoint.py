@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +12,7 @@ from lightning_qlora import CausalLMModule, LoRAAdapters, QLoRAPlugin
 from lightning_qlora.io.atomic import DiskFullError, remove_stale_temps
 from lightning_qlora.lightning.checkpoint import META_KEY, AtomicCheckpointIO, _umask, read_checkpoint
 from lightning_qlora.tasks.data import PromptAnswerDataModule
-from tests.conftest import LossRecorder, quiet_trainer, tiny_llama_config
+from tests.conftest import LossRecorder, file_size_limit, quiet_trainer, tiny_llama_config
 from tests.tasks.data.test_formatting import CharTokenizer
 
 ROWS = [{"p": f"add {a} and {b}", "a": str(a + b)} for a in range(5) for b in range(5)]  # 25 rows
@@ -206,19 +203,6 @@ def test_rng_states_come_back_at_restore_not_at_load():
     assert torch.equal(torch.rand(4), expected) and not torch.equal(drawn_between, expected)
     helper.rng.restore()  # only once: a second call keeps the stream going
     assert not torch.equal(torch.rand(4), expected)
-
-
-@contextlib.contextmanager
-def file_size_limit(nbytes: int):
-    """A full disk for this process: no file may grow past ``nbytes`` (EFBIG), as ``ulimit -f`` sets it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):

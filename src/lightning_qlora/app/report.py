@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from lightning_qlora.app.quant_cost import describe
+from lightning_qlora.io.atomic import write_text
 
 if TYPE_CHECKING:
     from lightning_qlora.tasks.data import Task
@@ -127,7 +128,7 @@ def write_report(path: Path, cfg: DictConfig, result: dict, examples: list[dict[
     for ex in examples:
         lines += ["", "## Sample answer", "", f"**Reference:** {ex['reference']}", ""]
         lines += [f"**Before:** {ex['before']}", "", f"**After:** {ex['after']}"]
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n", "report")
 
 
 def _selection_lines(chosen: dict[str, Any] | None, curve: Path) -> list[str]:

@@ -31,6 +31,7 @@ from lightning_qlora.app.report import (
 )
 from lightning_qlora.app.splits import load_splits, sample_folder, task_of
 from lightning_qlora.core.quant_error import write_error_report
+from lightning_qlora.io.atomic import write_text
 from lightning_qlora.io.export import update_metadata
 from lightning_qlora.io.models import load_tokenizer
 from lightning_qlora.lightning.best import BestAdapter, Monitor
@@ -121,7 +122,7 @@ def _run_locked(cfg: DictConfig, out: Path) -> dict[str, Any]:
     unquantized = unquantized_val_loss(cfg, module, dm) if cfg.get("measure_quant_cost") else None
     trainer = build_trainer(cfg, out, log_version)
     config_file = out / (f"config_{log_version}.yaml" if log_version else "config.yaml")
-    config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(config_file, OmegaConf.to_yaml(cfg, resolve=True), "run config")
 
     try:
         return _run_stages(cfg, out, ckpt, task, splits, source, tokenizer, dm, module, trainer, unquantized)
@@ -177,7 +178,7 @@ def _run_stages(
     if cost is not None:
         result["quant_cost"] = cost
     if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        write_text(out / "metrics.json", json.dumps(result, indent=2), "metrics")
         plot_loss(sorted((out / "logs").glob("**/metrics.csv")), out / "loss_curve.png")
         best_step = selection["step"] if selection["kept"] == "best" else None
         plot_metric(selection["curve"], monitor.metric, out / "metric_curve.png", best_step)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,27 @@ def disk_full_error(err: BaseException, path: str | os.PathLike, what: str) -> D
         f" the previous {what} there, if any, is left as it was. Free space on that disk (or raise the"
         " file-size limit, ulimit -f), then run again (resume=last continues from the last checkpoint).",
     )
+
+
+def write_text(path: str | os.PathLike, text: str, what: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all: written beside it, then renamed over it.
+
+    A full disk raises a one-line :class:`DiskFullError` naming ``what`` and ``path``, and leaves the
+    previous file as it was; the temporary file is removed (or, after a SIGKILL, by
+    :func:`remove_stale_temps`).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 -> what a plain write would have made
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if (full := disk_full_error(err, path, what)) is not None:
+            raise full from err
+        raise
 
 
 class RecordingFile:

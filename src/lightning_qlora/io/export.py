@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_qlora.core.adapters import check_adapter_dir
 from lightning_qlora.core.quantize import QuantConfig
+from lightning_qlora.io.atomic import write_text
 
 log = logging.getLogger(__name__)
 METADATA_FILE = "lightning_qlora.json"
@@ -108,7 +109,8 @@ def update_metadata(directory: str | os.PathLike, **fields: Any) -> None:
     path = Path(directory) / METADATA_FILE
     meta = json.loads(path.read_text()) if path.is_file() else {}
     meta.update(fields)
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    # In place in an adapter that already exists: a full disk must not leave it half written.
+    write_text(path, json.dumps(meta, indent=2, default=str), "adapter metadata")
 
 
 def quant_config_of(meta: dict[str, Any]) -> QuantConfig:
