@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -185,3 +188,37 @@ def test_reentrant_checkpointing_keeps_a_measured_share_of_the_recompute():
     # The recomputed tensors (4,920 B a token and layer, as above), at the measured share.
     recomputed = 32 * 2 * 4_920
     assert plain.activations - reentrant.activations == pytest.approx((1 - REENTRANT_HEAP_SHARE) * recomputed, abs=1)
+
+
+def test_offloading_moves_checkpointed_layer_inputs_off_the_accelerator():
+    four = tiny_llama_config(num_hidden_layers=4)
+    gpu = dict(TINY, allocator="returning", compute_dtype="bf16")
+    plain, offloaded = (estimate_memory(four, offload_activations=o, **gpu) for o in (False, True))
+    # 4 checkpointed layers' inputs leave, one comes back for its backward: 3 x 32 tokens x 64 x 2 B.
+    assert plain.activations - offloaded.activations == 3 * 32 * 64 * 2
+    assert "0 MiB of layer inputs offloaded to host memory" in offloaded.notes["activations"]
+    # Every 2nd layer: 2 checkpointed inputs, one of them back at a time.
+    every2 = [estimate_memory(four, gradient_checkpointing=2, offload_activations=o, **gpu) for o in (False, True)]
+    assert every2[0].activations - every2[1].activations == 1 * 32 * 64 * 2
+    # On CPU the activations already live in host memory: the same estimate, and a note saying so.
+    cpu = [estimate_memory(four, offload_activations=o, **dict(TINY, allocator="glibc")) for o in (False, True)]
+    assert cpu[0].total == cpu[1].total and "nothing moves on CPU" in cpu[1].notes["activations"]
+
+
+def test_offloading_without_checkpointing_is_refused_as_a_run_refuses_it():
+    with pytest.raises(ValueError, match="offload_activations=True needs gradient_checkpointing"):
+        estimate_memory(tiny_llama_config(), gradient_checkpointing=False, offload_activations=True, **TINY)
+
+
+def test_padding_free_adds_the_rows_block_causal_mask():
+    from lightning_qlora.app.estimate import MASK_BYTES_PER_PAIR
+
+    padded, packed = (estimate_memory(tiny_llama_config(), padding_free=p, **TINY) for p in (False, True))
+    # One row of 2 x 16 = 32 tokens: 32 x 32 pairs of mask.
+    assert packed.activations - padded.activations == MASK_BYTES_PER_PAIR * 32**2
+    assert packed.notes["activations"].startswith("padding-free, batch 2 x seq 16")
+    # The constant covers every measured point, within half a byte.
+    points = json.loads((Path(__file__).parents[2] / "bench/results/padding-mask.json").read_text())["points"]
+    measured = [p["bytes_per_token_pair"] for p in points]
+    assert max(measured) <= MASK_BYTES_PER_PAIR <= max(measured) + 0.5
+    assert min(p["tokens"] for p in points) >= 2048  # measured where the mask outgrows everything else

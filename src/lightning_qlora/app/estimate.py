@@ -40,6 +40,9 @@ IMPORT_OVERHEAD = 431 * MiB
 # setup minus the model's bytes, bench/results/estimate_vs_measured.json ("rss_setup_mib").
 FIT_OVERHEAD = 96 * MiB
 FRAMEWORK_OVERHEAD = IMPORT_OVERHEAD + FIT_OVERHEAD
+# A padding-free row's block-causal mask (transformers' boolean mask and CPU sdpa's own conversions),
+# per pair of the row's tokens: 7.9-9.0 B measured at 2,048-6,144 tokens, bench/results/padding-mask.json.
+MASK_BYTES_PER_PAIR = 9
 # Logits buffers larger than glibc's largest dynamic mmap threshold get their own mapping.
 _MMAP_THRESHOLD_MAX = 32 * MiB
 # Bytes of optimizer state per trainable parameter: AdamW keeps two fp32 moments; bitsandbytes'
@@ -124,6 +127,8 @@ def estimate_memory(
     low_memory: bool = True,
     loss_chunk_size: int | str | None = "auto",
     reentrant: bool = True,
+    offload_activations: bool = False,
+    padding_free: bool = False,
 ) -> MemoryEstimate:
     """Predict the peak memory of a QLoRA training step, from the model config only.
 
@@ -151,6 +156,12 @@ def estimate_memory(
             many scored tokens at a time; ``None``: all at once; ``"auto"`` (the module's default): 1024.
         reentrant: Checkpointing runs reentrant, as ``QLoRAPlugin`` runs it on CPU in one process
             (``CPUOptions.reentrant_checkpoint``); ``False``: non-reentrant (DDP, FSDP). glibc only.
+        offload_activations: ``AdapterConfig(offload_activations=True)``: checkpointed layers' inputs
+            wait in host memory, one at a time back on the accelerator for its backward. Counted for
+            the ``"returning"`` allocator (accelerators); on CPU it moves nothing.
+        padding_free: ``data.packing=padding_free``: the batch's examples run end to end in one row
+            of ``batch_size x seq_len`` tokens (``seq_len``: their mean length), and attention builds
+            a block-causal mask over that row, :data:`MASK_BYTES_PER_PAIR` per pair of its tokens.
 
     Returns:
         A :class:`MemoryEstimate`; ``.total`` is the predicted peak, ``.table()`` the breakdown.
@@ -175,7 +186,8 @@ def estimate_memory(
         raise ValueError(f"lora_dropout should be in [0, 1), but got {lora_dropout!r}; try 0.05.")
     dtype = parse_dtype(compute_dtype, "compute_dtype", (torch.float32, torch.bfloat16, torch.float16))
     QuantConfig(quant_type, double_quant, dtype)  # the same checks as a real run (e.g. no int8 with bf16)
-    AdapterConfig(r=r)
+    # The adapter's own rules (e.g. offloading needs checkpointing), checked as a real run checks them.
+    AdapterConfig(r=r, gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
     a = torch.finfo(dtype).bits // 8
 
     quantized = sum(quantized_linear_bytes(o, i, quant_type, double_quant) for o, i, _ in shape.quantized)
@@ -213,6 +225,8 @@ def estimate_memory(
     layers = [f for f, _, _ in per_layer]
     # Every layer's input and the last output stay for backward (checkpointed or not), and RoPE's cos/sin.
     kept = tokens * ((shape.n_layers + 1) * shape.hidden + 2 * shape.head_dim) * a
+    mask = MASK_BYTES_PER_PAIR * tokens**2 if padding_free else 0
+    kept += mask
     # bitsandbytes dequantizes one weight at a time for its matmul.
     workspace = max((o * i for o, i, _ in shape.quantized), default=0) * a
     check_chunk_size(loss_chunk_size)
@@ -227,6 +241,7 @@ def estimate_memory(
         # Two fp32 buffers for a chunk (logits, log-probabilities turned into their gradient in place);
         # 16-bit: plus the head's 16-bit output and the gradient cast back for the matmul.
         logits = 2 * at_once * shape.vocab * 4 + (2 * at_once * shape.vocab * a if a != 4 else 0)
+    offloaded = 0
     if allocator == "glibc":
         # Logits up to the mmap threshold sit on the heap and stay; larger ones are mapped while alive.
         # Either way they add to the heap at the loss backward, the step's peak.
@@ -237,6 +252,10 @@ def estimate_memory(
         )
         logits_note = f"logits {where}"
     else:
+        if offload_activations:
+            # Checkpointed layers' inputs go to host memory; the backward brings back one at a time.
+            offloaded = max(sum(checkpointed) - 1, 0) * tokens * shape.hidden * a
+            kept -= offloaded
         # Layers outside checkpointing keep their saved tensors until the backward reaches them.
         kept += tokens * sum(f for f, c in zip(layers, checkpointed, strict=True) if not c)
         at_loss = kept + workspace + scored * shape.hidden * a
@@ -255,9 +274,18 @@ def estimate_memory(
         + f", {(shape.other_params + shape.norm_params) / 1e6:.1f}M unquantized",
         "adapters": f"{trainable / 1e6:.2f}M trainable fp32 (r={r}, {len(shape.lora)} layers)",
         "optimizer": optimizer,
-        "activations": f"batch {batch_size} x seq {seq_len}, {str(dtype).removeprefix('torch.')}, checkpointing "
+        "activations": ("padding-free, " if padding_free else "")
+        + f"batch {batch_size} x seq {seq_len}, {str(dtype).removeprefix('torch.')}, checkpointing "
         + ("on" if every == 1 else "off" if every == 0 else f"every {every} layers")
-        + f", {allocator} allocator",
+        + f", {allocator} allocator"
+        + (
+            ""
+            if not offload_activations
+            else ", layer inputs offloaded: nothing moves on CPU"
+            if allocator == "glibc"
+            else f", {offloaded / 2**20:,.0f} MiB of layer inputs offloaded to host memory"
+        )
+        + (f", {mask / 2**20:,.0f} MiB of block-causal mask" if padding_free else ""),
         "logits": (
             f"3 fp32 copies{'' if a == 4 else ' (+1 16-bit)'}"
             if chunk is None

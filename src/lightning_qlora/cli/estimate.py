@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=_every, metavar="K", help="checkpoint every K-th layer (gradient_checkpointing=K)"
     )
     parser.add_argument("--compute-dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="checkpointed layers' inputs wait in host memory (adapter.offload_activations; GPUs only)",
+    )
+    parser.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="each micro batch is one row of batch-size x seq-len tokens (data.packing=padding_free)",
+    )
     parser.add_argument("--budget", type=float, metavar="GiB", help="memory budget: print the micro batch that fits")
     return parser
 
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         compute_dtype=args.compute_dtype,
         answer_tokens=args.answer_tokens,
         loss_chunk_size=args.loss_chunk_size,
+        offload_activations=args.offload_activations,
+        padding_free=args.padding_free,
         # fp32 compute is the CPU path, with glibc's heap; 16-bit compute runs on a GPU, whose caching
         # allocator reuses what it frees.
         allocator="glibc" if args.compute_dtype == "fp32" else "returning",
