@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_qlora.core.bnb import require_bitsandbytes
 from lightning_qlora.core.quantize import QuantConfig, dequantized_weight, select_linears
+from lightning_qlora.core.quantize4bit import quantize_4bit
 
 # bitsandbytes' default 4-bit block size on CPU and CUDA (Params4bit(blocksize=None)).
 BLOCKSIZE = 64
@@ -69,7 +70,8 @@ def roundtrip(weight: torch.Tensor, config: QuantConfig) -> torch.Tensor:
         # Int8Params quantizes the fp16 cast row-wise (absmax / 127 per output row).
         data, row_scale, _ = functional.int8_vectorwise_quant(weight.to(torch.float16))
         return functional.int8_vectorwise_dequant(data, row_scale).float()
-    packed, state = functional.quantize_4bit(
+    done = quantize_4bit(weight, BLOCKSIZE, config.quant_type, config.double_quant)  # the same bytes, on CPU
+    packed, state = done or functional.quantize_4bit(
         weight, blocksize=BLOCKSIZE, compress_statistics=config.double_quant, quant_type=config.quant_type
     )
     return functional.dequantize_4bit(packed, state).float()
