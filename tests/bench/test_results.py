@@ -25,6 +25,10 @@ QUOTED = {
 }
 
 
+# Start to first step at three model sizes (bench/README.md, "Setup"): the same loss on both sides too.
+SETUP = ("setup.json", "setup-360m.json", "setup-1.7b.json")
+
+
 def _first_losses(name: str) -> dict[str, list[float]]:
     records = json.loads((RESULTS / name).read_text())["records"]
     return {side: [run["losses"][0] for run in runs] for side, runs in records.items()}
@@ -32,7 +36,7 @@ def _first_losses(name: str) -> dict[str, list[float]]:
 
 def test_every_speed_json_is_quoted():
     with_losses = {p.name for p in RESULTS.glob("*.json") if "first_loss_abs_diff" in json.loads(p.read_text())}
-    assert with_losses == set(QUOTED), "a bench JSON was added or removed: quote its first losses here and in the docs"
+    assert with_losses == set(QUOTED) | set(SETUP), "a bench JSON was added or removed: quote it here and in the docs"
 
 
 @pytest.mark.parametrize("name", sorted(QUOTED))
@@ -118,3 +122,14 @@ def test_lever_jsons_back_the_quoted_ratios():
     rows = [line for line in readme.splitlines() if line.startswith("|")]
     for head, tail in quoted:
         assert any(r.startswith(head) and r.endswith(tail) for r in rows), (head, tail)
+
+
+@pytest.mark.parametrize("name", SETUP)
+def test_setup_jsons_back_the_setup_table(name):
+    result = json.loads((RESULTS / name).read_text())
+    losses = [loss for side in _first_losses(name).values() for loss in side]
+    assert max(losses) - min(losses) <= FIRST_LOSS_TOLERANCE
+    ours, peer = result["ours"]["setup_s"], result["peer"]["setup_s"]
+    row = f"| {ours:.1f} | {peer:.1f} | **{result['ratio_ours_over_peer']['setup_s']:.3f}** |"
+    readme = (RESULTS.parent / "README.md").read_text()
+    assert any(line.startswith(f"| [{name}]") and line.endswith(row) for line in readme.splitlines()), row
