@@ -244,3 +244,28 @@ def test_variant_arguments_are_checked():
         AdapterConfig(init="pissa")
     with pytest.raises(ValueError, match="loftq' with use_dora=True is not supported"):
         AdapterConfig(init="loftq", use_dora=True)
+
+
+def test_a_loaded_adapter_trains_on_with_offloaded_activations(tmp_path, caplog):
+    from transformers import LlamaForCausalLM
+
+    from lightning_qlora.core.adapters import load_adapters
+
+    def base():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config())
+        quantize_model(model)
+        return model
+
+    saved, _ = add_adapters(base(), AdapterConfig(r=8))
+    saved.save_pretrained(tmp_path)
+    model = base()
+    load_adapters(model, str(tmp_path), trainable=True, gradient_checkpointing=True, offload_activations=True)
+    funcs = [m._gradient_checkpointing_func for m in model.model.layers]
+    assert all(f.__name__ == "offloaded" for f in funcs) and "already in host memory" in caplog.text
+    with pytest.raises(ValueError, match="offload_activations=True needs gradient_checkpointing"):
+        load_adapters(base(), str(tmp_path), trainable=True, gradient_checkpointing=False, offload_activations=True)
+    # For inference nothing checkpoints, so nothing offloads.
+    frozen = base()
+    load_adapters(frozen, str(tmp_path), offload_activations=True)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in frozen.model.layers)

@@ -339,7 +339,13 @@ def check_adapter_dir(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_adapters(model: nn.Module, directory: str, trainable: bool = False, gradient_checkpointing: bool = False):
+def load_adapters(
+    model: nn.Module,
+    directory: str,
+    trainable: bool = False,
+    gradient_checkpointing: bool | int = False,
+    offload_activations: bool = False,
+):
     """Inject a saved PEFT adapter into ``model`` in place (like :func:`add_adapters`, with its weights).
 
     Args:
@@ -347,6 +353,8 @@ def load_adapters(model: nn.Module, directory: str, trainable: bool = False, gra
         directory: A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
         trainable: Keep training the loaded adapter.
         gradient_checkpointing: Recompute activations in backward (when training on).
+        offload_activations: Hold checkpointed layers' inputs in host memory (when training on),
+            as ``AdapterConfig.offload_activations``.
 
     Returns:
         ``(peft_model, report)``.
@@ -357,7 +365,11 @@ def load_adapters(model: nn.Module, directory: str, trainable: bool = False, gra
     if getattr(model, "peft_config", None):
         raise ValueError(f"{type(model).__name__} already has LoRA adapters; load the adapter into a fresh base.")
     peft_config = PeftConfig.from_pretrained(directory)
-    _prepare_for_kbit_training(model, gradient_checkpointing if trainable else False)
+    if trainable:
+        AdapterConfig(gradient_checkpointing=gradient_checkpointing, offload_activations=offload_activations)
+        _prepare_for_kbit_training(model, gradient_checkpointing, offload_activations)
+    else:
+        _prepare_for_kbit_training(model, False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = PeftModel.from_pretrained(model, directory, is_trainable=trainable)

@@ -181,6 +181,7 @@ class QLoRAPlugin(MixedPrecision):
                     self.adapter_source,
                     trainable=True,
                     gradient_checkpointing=self.adapter_config.gradient_checkpointing,
+                    offload_activations=self.adapter_config.offload_activations,
                 )
             else:
                 peft_model, adapter_report = add_adapters(model, self.adapter_config)
