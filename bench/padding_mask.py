@@ -46,8 +46,9 @@ def child(mode: str, tokens: int) -> float:
     )
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 64, (1, tokens))
-    half = tokens // 2
-    positions = torch.arange(tokens) if mode == "single" else torch.cat([torch.arange(half), torch.arange(half)])
+    half = tokens // 2  # two examples end to end: positions restart halfway
+    packed = torch.cat([torch.arange(half), torch.arange(tokens - half)])
+    positions = torch.arange(tokens) if mode == "single" else packed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model(input_ids=ids, position_ids=positions.unsqueeze(0), labels=ids, use_cache=False).loss.backward()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024

@@ -75,8 +75,8 @@ def apply(model: nn.Module, options: CPUOptions | None = None) -> CPUReport:
         # A weight left as a view of the mapped checkpoint (say the embedding) would keep every page read resident.
         report.copied_bytes = copy_file_backed(model)
         # Loading and quantizing leave the fp32 weights' freed pages on the heap. Collecting the young
-        # generations frees setup's own cycles; a full collection walks every module object that the
-        # imports made (0.3 s on the default model) and freed no memory there.
+        # generations frees setup's own cycles; a full collection walks every object the imports made
+        # and freed no memory (bench/README.md, "Setup").
         gc.collect(1)
         release_free_memory()
     return report
