@@ -37,15 +37,19 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     code = bnb.functional.get_4bit_type(quant_type, device="cpu").float()
     order = torch.argsort(code)
     bounds = (code[order[:-1]] + code[order[1:]]) / 2  # the midpoints bitsandbytes searches
+    width = 2.0 / _CELLS
     exact = bounds.double()
-    # A weight's computed cell is off by at most one from its true one: look one cell either side.
-    cells = torch.arange(_CELLS + 1, dtype=torch.float64)
-    low, high = (-1 + (cells + shift) * (2.0 / _CELLS) for shift in (-1, 2))
-    inside = (exact >= low[:, None]) & (exact < high[:, None])
-    if int(inside.sum(1).max()) > 1:
-        raise ValueError(f"{quant_type} has bounds closer than 3 cells; raise _CELLS")
-    below = (exact < low[:, None]).sum(1).to(torch.uint8)
-    near = torch.where(inside.any(1), bounds[inside.to(torch.uint8).argmax(1)], float("inf"))
+    below = torch.empty(_CELLS + 1, dtype=torch.uint8)
+    near = torch.full((_CELLS + 1,), float("inf"))
+    for cell in range(_CELLS + 1):
+        # A weight's computed cell is off by at most one from its true one: look one cell either side.
+        low, high = -1 + (cell - 1) * width, -1 + (cell + 2) * width
+        inside = bounds[(exact >= low) & (exact < high)]
+        if inside.numel() > 1:
+            raise ValueError(f"{quant_type} has {inside.numel()} bounds within 3 cells; raise _CELLS")
+        below[cell] = int((exact < low).sum())
+        if inside.numel():
+            near[cell] = inside[0]
     return below, near, order.to(torch.uint8)
 
 
